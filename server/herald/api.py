@@ -1,0 +1,259 @@
+"""The HTTP API: Starlette routes. Thin: parse, authorise, call the node, shape the answer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import orjson
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from herald.auth import Principal
+from herald.channels import parse_channel
+from herald.errors import BadRequest, HeraldError, PayloadTooLarge, Unauthorized, Unavailable
+from herald.models import Channel, parse_offset
+from herald.node import Node
+
+__all__ = ["error_handlers", "routes"]
+
+MSGPACK = "application/msgpack"
+_MAX_PAGE = 200
+_MAX_HISTORY = 1000
+
+
+def _node(request: Request) -> Node:
+    node: Node = request.state.node
+    return node
+
+
+def _wants_msgpack(request: Request) -> bool:
+    return MSGPACK in request.headers.get("accept", "")
+
+
+def respond(
+    request: Request,
+    data: Any,
+    status: int = 200,
+    *,
+    meta: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    """``{"data": ..., "meta": {"code": status, ...}}`` in JSON, or msgpack if accepted."""
+    body = {"data": data, "meta": {"code": status, **(meta or {})}}
+    if _wants_msgpack(request):
+        return Response(msgpack.packb(body, use_bin_type=True), status, headers, MSGPACK)
+    return Response(orjson.dumps(body), status, headers, "application/json")
+
+
+def _error_response(request: Request, error: HeraldError) -> Response:
+    headers = {}
+    if isinstance(error, Unavailable):
+        headers["Retry-After"] = str(error.retry_after)
+    if isinstance(error, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    body = error.to_dict()
+    if _wants_msgpack(request):
+        return Response(msgpack.packb(body, use_bin_type=True), error.status, headers, MSGPACK)
+    return Response(orjson.dumps(body), error.status, headers, "application/json")
+
+
+async def _herald_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HeraldError)
+    return _error_response(request, exc)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    error = HeraldError(
+        "Not found" if exc.status_code == 404 else str(exc.detail),
+        code=codes.get(exc.status_code, "http_error"),
+    )
+    error.status = exc.status_code
+    return _error_response(request, error)
+
+
+error_handlers = {HeraldError: _herald_error, HTTPException: _http_error}
+"""Exception handlers for the Starlette app: every error becomes ``{detail, code, path?}``."""
+
+
+async def read_body(request: Request) -> Any:
+    """Parse the body as JSON, or MessagePack when the Content-Type says so."""
+    limit = _node(request).settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the body is larger than {limit} bytes")
+    chunks = bytearray()
+    async for chunk in request.stream():
+        chunks += chunk
+        if len(chunks) > limit:
+            raise PayloadTooLarge(f"the body is larger than {limit} bytes")
+    if request.headers.get("content-type", "").startswith(MSGPACK):
+        try:
+            return msgpack.unpackb(bytes(chunks), raw=False)
+        except Exception as exc:  # msgpack raises many types; all mean "does not parse"
+            raise BadRequest(f"MessagePack parse error: {exc}") from None
+    try:
+        return orjson.loads(chunks)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"JSON parse error: {exc}") from None
+
+
+async def authenticate(request: Request) -> Principal:
+    """The principal of ``Authorization: Bearer <key>`` or ``X-API-Key``; 401 otherwise."""
+    header = request.headers.get("authorization", "")
+    scheme, _, credential = header.partition(" ")
+    key = credential.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key")
+    if not key:
+        raise Unauthorized("missing credentials: send Authorization: Bearer <key>")
+    return await _node(request).authenticate(key)
+
+
+def _query_int(request: Request, name: str, default: int, maximum: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= maximum:
+        raise BadRequest(f"{name} must be an integer from 1 to {maximum}", path=name)
+    return int(raw)
+
+
+def _query_bool(request: Request, name: str) -> bool:
+    raw = request.query_params.get(name, "0").lower()
+    if raw not in ("0", "1", "true", "false"):
+        raise BadRequest(f"{name} must be 0, 1, true or false", path=name)
+    return raw in ("1", "true")
+
+
+def _query_offset(request: Request, name: str) -> str | None:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return None
+    parse_offset(raw, name)
+    return raw
+
+
+def channel_view(node: Node, channel: Channel) -> dict[str, Any]:
+    """A channel as the API shows it."""
+    record = channel.to_record()
+    del record["app"], record["messages"]
+    record["counts"] = node.counts(channel)
+    return record
+
+
+async def create_channel(request: Request) -> Response:
+    """``POST /v1/channels`` → 201 with the channel; 409 if the name is taken."""
+    principal = await authenticate(request)
+    node = _node(request)
+    channel = parse_channel(await read_body(request), principal.app, node.settings)
+    channel = await node.create_channel(principal, channel)
+    return respond(
+        request,
+        channel_view(node, channel),
+        201,
+        headers={"Location": f"/v1/channels/{channel.name}"},
+    )
+
+
+async def list_channels(request: Request) -> Response:
+    """``GET /v1/channels``: a page of channels, ``meta.next`` is the next cursor."""
+    principal = await authenticate(request)
+    node = _node(request)
+    kind = request.query_params.get("type")
+    if kind is not None and kind not in ("default", "separate_rooms"):
+        raise BadRequest("type must be 'default' or 'separate_rooms'", path="type")
+    channels, cursor = await node.list_channels(
+        principal,
+        after=request.query_params.get("cursor") or None,
+        limit=_query_int(request, "limit", 50, _MAX_PAGE),
+        include_inactive=_query_bool(request, "include_inactive"),
+        kind=kind,
+    )
+    return respond(request, [channel_view(node, c) for c in channels], meta={"next": cursor})
+
+
+async def get_channel(request: Request) -> Response:
+    """``GET /v1/channels/{name}``."""
+    principal = await authenticate(request)
+    node = _node(request)
+    channel = await node.channel(principal, request.path_params["name"])
+    return respond(request, channel_view(node, channel))
+
+
+async def publish(request: Request) -> Response:
+    """``POST /v1/channels/{name}/publish`` → 201 with the message, once it is stored."""
+    principal = await authenticate(request)
+    body = await read_body(request)
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be an object")
+    if "payload" not in body:
+        raise BadRequest("payload is required", path="payload")
+    unknown = sorted(set(body) - {"payload", "room", "metadata", "audience"})
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r}", path=unknown[0])
+    if body.get("audience") is not None:
+        raise BadRequest(
+            "audience targets devices, which this version does not have yet", path="audience"
+        )
+    message = await _node(request).publish(
+        principal,
+        request.path_params["name"],
+        payload=body["payload"],
+        room=body.get("room"),
+        metadata=body.get("metadata"),
+    )
+    return respond(request, message.to_api(), 201)
+
+
+async def history(request: Request) -> Response:
+    """``GET /v1/channels/{name}/history``: retained messages, oldest first unless reversed."""
+    principal = await authenticate(request)
+    messages = await _node(request).history(
+        principal,
+        request.path_params["name"],
+        room=request.query_params.get("room"),
+        since=_query_offset(request, "since"),
+        until=_query_offset(request, "until"),
+        limit=_query_int(request, "limit", 100, _MAX_HISTORY),
+        reverse=_query_bool(request, "reverse"),
+    )
+    return respond(request, [m.to_api() for m in messages])
+
+
+async def get_message(request: Request) -> Response:
+    """``GET /v1/channels/{name}/messages/{id}``: one retained message (a message's ``self``)."""
+    principal = await authenticate(request)
+    message = await _node(request).message(
+        principal,
+        request.path_params["name"],
+        request.path_params["id"],
+        request.query_params.get("room"),
+    )
+    return respond(request, message.to_api())
+
+
+async def healthz(request: Request) -> Response:
+    """Alive: the process answers."""
+    return respond(request, {"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    """Ready: the engine answers (503 otherwise)."""
+    await _node(request).engine.ping()
+    return respond(request, {"status": "ready"})
+
+
+routes = [
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+    Route("/v1/channels", create_channel, methods=["POST"]),
+    Route("/v1/channels", list_channels, methods=["GET"]),
+    Route("/v1/channels/{name}", get_channel, methods=["GET"]),
+    Route("/v1/channels/{name}/publish", publish, methods=["POST"]),
+    Route("/v1/channels/{name}/history", history, methods=["GET"]),
+    Route("/v1/channels/{name}/messages/{id}", get_message, methods=["GET"]),
+]
+"""Every HTTP route of the API."""

@@ -1,0 +1,106 @@
+"""The engine interface: publish, topic subscriptions, history, records.
+
+Guarantees every engine gives (and the contract suite in ``tests/contract``
+checks):
+
+- ``publish`` appends to the topic's history and hands the message to the
+  broker in one atomic step, so the id is known before anyone receives it.
+  Ids sort in publish order within a topic.
+- Delivery to ``on_message`` is at most once, in publish order per topic,
+  and only for topics this worker has subscribed to.
+- History keeps at least the newest ``history_size`` messages of a topic
+  (approximate trimming allowed: it may keep a few more).
+- ``recover`` answers ``recovered=False`` whenever messages after ``since``
+  may be missing (trimmed, expired, or the history was lost).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+
+from herald.models import Channel, KeyRecord, Message, Recovery, StreamPosition, Topic
+
+__all__ = ["Engine", "MessageHandler"]
+
+MessageHandler = Callable[[Message], None]
+"""Called by the engine for every message on a subscribed topic. Must not block."""
+
+
+class Engine(ABC):
+    """Base of the memory and Redis engines."""
+
+    @abstractmethod
+    async def start(self, on_message: MessageHandler) -> None:
+        """Connect, and from now on call ``on_message`` for subscribed topics."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release connections; no more ``on_message`` calls after this returns."""
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """Return if the engine is reachable, else raise `herald.errors.Unavailable`."""
+
+    @abstractmethod
+    async def publish(self, channel: Channel, message: Message) -> Message:
+        """Store ``message`` in its topic's history and fan it out; return it with its id.
+
+        ``message.id`` and ``created_at`` are assigned here. The channel's
+        ``history_size`` and ``history_ttl`` bound the history; its message
+        count goes up by one. Raises `Unavailable` when nothing was stored.
+        """
+
+    @abstractmethod
+    async def subscribe(self, topic: Topic) -> None:
+        """Start receiving ``topic``'s messages in this worker (idempotent)."""
+
+    @abstractmethod
+    async def unsubscribe(self, topic: Topic) -> None:
+        """Stop receiving ``topic``'s messages in this worker (idempotent)."""
+
+    @abstractmethod
+    async def history(
+        self,
+        topic: Topic,
+        *,
+        since: str | None = None,
+        until: str | None = None,
+        limit: int = 100,
+        reverse: bool = False,
+    ) -> list[Message]:
+        """Retained messages with ``since < id < until``, oldest first (newest first if
+        ``reverse``), at most ``limit`` of them, taken from the oldest end (newest if
+        ``reverse``)."""
+
+    @abstractmethod
+    async def recover(self, topic: Topic, since: str) -> Recovery:
+        """Every retained message after ``since`` and whether that is all that was missed."""
+
+    @abstractmethod
+    async def position(self, topic: Topic) -> StreamPosition:
+        """The id of the newest message of ``topic`` ("0-0" when none) and the epoch."""
+
+    @abstractmethod
+    async def create_channel(self, channel: Channel) -> bool:
+        """Store a new channel; ``False`` (and nothing stored) when the name is taken."""
+
+    @abstractmethod
+    async def get_channel(self, app: str, name: str) -> Channel | None:
+        """The channel, or ``None``."""
+
+    @abstractmethod
+    async def save_channel(self, channel: Channel) -> None:
+        """Overwrite an existing channel's record (not its message count)."""
+
+    @abstractmethod
+    async def list_channels(self, app: str, *, after: str | None, limit: int) -> list[Channel]:
+        """Channels of ``app`` sorted by name, starting after ``after``, at most ``limit``."""
+
+    @abstractmethod
+    async def add_key(self, key: KeyRecord) -> None:
+        """Store an app key record (hash only)."""
+
+    @abstractmethod
+    async def find_key(self, key_hash: str) -> KeyRecord | None:
+        """The key record with that hash, or ``None``."""

@@ -1,0 +1,190 @@
+"""The embedded engine: one process, no Redis, nothing kept across restarts.
+
+Message ids have the Redis stream shape (``<ms>-<seq>``), so clients cannot
+tell the engines apart. Each topic gets a fresh random epoch per process.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from bisect import bisect_left, bisect_right
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+from herald.engines.base import Engine, MessageHandler
+from herald.errors import Unavailable
+from herald.models import (
+    Channel,
+    KeyRecord,
+    Message,
+    Recovery,
+    StreamPosition,
+    Topic,
+    now_rfc3339,
+    parse_offset,
+)
+
+__all__ = ["MemoryEngine"]
+
+_ZERO = (0, 0)
+
+
+@dataclass(slots=True)
+class _Stream:
+    """One topic's bounded history."""
+
+    epoch: str = field(default_factory=lambda: secrets.token_hex(4))
+    messages: deque[Message] = field(default_factory=deque)
+    keys: deque[tuple[int, int]] = field(default_factory=deque)
+    last: tuple[int, int] = _ZERO
+    # Every id at or below this one may have been dropped (trimmed or expired).
+    dropped: tuple[int, int] = _ZERO
+    expires_at: float | None = None
+
+    def expire(self, now: float) -> None:
+        if self.expires_at is not None and now >= self.expires_at and self.messages:
+            self.messages.clear()
+            self.keys.clear()
+            self.dropped = self.last
+            self.expires_at = None
+
+    def next_id(self) -> tuple[int, int]:
+        ms = int(time.time() * 1000)
+        last_ms, last_seq = self.last
+        return (ms, 0) if ms > last_ms else (last_ms, last_seq + 1)
+
+
+class MemoryEngine(Engine):
+    """Everything in dicts of this process. Single worker only."""
+
+    def __init__(self) -> None:
+        self._on_message: MessageHandler | None = None
+        self._streams: dict[Topic, _Stream] = {}
+        self._subscribed: set[Topic] = set()
+        self._channels: dict[tuple[str, str], Channel] = {}
+        self._keys: dict[str, KeyRecord] = {}
+
+    async def start(self, on_message: MessageHandler) -> None:
+        """Remember the handler; nothing to connect to."""
+        self._on_message = on_message
+
+    async def close(self) -> None:
+        """Stop delivering."""
+        self._on_message = None
+
+    async def ping(self) -> None:
+        """Always reachable while started."""
+        if self._on_message is None:
+            raise Unavailable("engine is not started")
+
+    def _stream(self, topic: Topic) -> _Stream:
+        stream = self._streams.get(topic)
+        if stream is None:
+            stream = self._streams[topic] = _Stream()
+        stream.expire(time.monotonic())
+        return stream
+
+    async def publish(self, channel: Channel, message: Message) -> Message:
+        """Append and deliver in one synchronous step: atomic by construction."""
+        if self._on_message is None:
+            raise Unavailable("engine is not started")
+        topic = message.topic
+        stream = self._stream(topic)
+        key = stream.next_id()
+        message = replace(message, id=f"{key[0]}-{key[1]}", created_at=now_rfc3339())
+        stream.last = key
+        stream.messages.append(message)
+        stream.keys.append(key)
+        while len(stream.messages) > channel.history_size:
+            stream.messages.popleft()
+            stream.dropped = stream.keys.popleft()
+        if channel.history_ttl:
+            stream.expires_at = time.monotonic() + channel.history_ttl
+        stored = self._channels.get((channel.app, channel.name))
+        if stored is not None:
+            stored.messages += 1
+        if topic in self._subscribed:
+            self._on_message(message)
+        return message
+
+    async def subscribe(self, topic: Topic) -> None:
+        """Deliver ``topic`` from now on."""
+        self._subscribed.add(topic)
+
+    async def unsubscribe(self, topic: Topic) -> None:
+        """Stop delivering ``topic``."""
+        self._subscribed.discard(topic)
+
+    async def history(
+        self,
+        topic: Topic,
+        *,
+        since: str | None = None,
+        until: str | None = None,
+        limit: int = 100,
+        reverse: bool = False,
+    ) -> list[Message]:
+        """Slice the retained deque by id with two binary searches."""
+        stream = self._streams.get(topic)
+        if stream is None or limit <= 0:
+            return []
+        stream.expire(time.monotonic())
+        lo = 0 if since is None else bisect_right(stream.keys, parse_offset(since))
+        hi = len(stream.keys) if until is None else bisect_left(stream.keys, parse_offset(until))
+        if lo >= hi:
+            return []
+        if reverse:
+            start = max(lo, hi - limit)
+            return [stream.messages[i] for i in range(hi - 1, start - 1, -1)]
+        return [stream.messages[i] for i in range(lo, min(hi, lo + limit))]
+
+    async def recover(self, topic: Topic, since: str) -> Recovery:
+        """Recovered when nothing after ``since`` was dropped and ``since`` is not ahead."""
+        stream = self._stream(topic)
+        key = parse_offset(since)
+        position = StreamPosition(f"{stream.last[0]}-{stream.last[1]}", stream.epoch)
+        recovered = stream.dropped <= key <= stream.last
+        lo = bisect_right(stream.keys, key)
+        messages = [stream.messages[i] for i in range(lo, len(stream.messages))]
+        return Recovery(messages, recovered, position)
+
+    async def position(self, topic: Topic) -> StreamPosition:
+        """The newest id and the epoch."""
+        stream = self._stream(topic)
+        return StreamPosition(f"{stream.last[0]}-{stream.last[1]}", stream.epoch)
+
+    async def create_channel(self, channel: Channel) -> bool:
+        """Insert unless the name is taken."""
+        key = (channel.app, channel.name)
+        if key in self._channels:
+            return False
+        self._channels[key] = Channel.from_record(channel.to_record())
+        return True
+
+    async def get_channel(self, app: str, name: str) -> Channel | None:
+        """A copy, so callers cannot change the stored record by accident."""
+        channel = self._channels.get((app, name))
+        return None if channel is None else Channel.from_record(channel.to_record())
+
+    async def save_channel(self, channel: Channel) -> None:
+        """Overwrite, keeping the stored message count."""
+        key = (channel.app, channel.name)
+        stored = self._channels.get(key)
+        copy = Channel.from_record(channel.to_record())
+        if stored is not None:
+            copy.messages = stored.messages
+        self._channels[key] = copy
+
+    async def list_channels(self, app: str, *, after: str | None, limit: int) -> list[Channel]:
+        """Sorted by name; a linear scan is fine for an embedded, single-process engine."""
+        names = sorted(n for (a, n) in self._channels if a == app and (after is None or n > after))
+        return [Channel.from_record(self._channels[(app, n)].to_record()) for n in names[:limit]]
+
+    async def add_key(self, key: KeyRecord) -> None:
+        """Index by hash."""
+        self._keys[key.key_hash] = key
+
+    async def find_key(self, key_hash: str) -> KeyRecord | None:
+        """Look up by hash."""
+        return self._keys.get(key_hash)

@@ -1,0 +1,129 @@
+"""Local fan-out: topic → connections of this worker.
+
+`Hub.deliver` is synchronous and never awaits: it encodes a message once per
+encoding in use, builds the WebSocket frame once, and appends the same bytes
+to each subscriber's outbox. Outboxes are flushed once per event-loop
+iteration, so frames that pile up for one connection leave in one write.
+There is no backpressure here by design: a subscriber whose outbox grows
+past its limit is closed as slow by its transport, never waited for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Protocol
+
+from herald.models import Message, Topic, offset_key
+from herald.protocol import Encoding, encode, message_frame, ws_frame
+
+__all__ = ["Hub", "Subscriber"]
+
+
+class Subscriber(Protocol):
+    """What the hub needs of a connection."""
+
+    encoding: Encoding
+
+    def push(self, frame: bytes) -> None:
+        """Queue ready-made frame bytes. Never blocks, never awaits."""
+
+    def flush(self) -> None:
+        """Write everything queued in one go."""
+
+
+class _Topic:
+    __slots__ = ("json", "msgpack", "pending")
+
+    def __init__(self) -> None:
+        # Dicts, not lists or sets: O(1) removal and a stable, insertion-ordered walk.
+        self.json: dict[Subscriber, None] = {}
+        self.msgpack: dict[Subscriber, None] = {}
+        # Subscribers still replaying history: live messages wait here until they are caught up.
+        self.pending: dict[Subscriber, list[Message]] = {}
+
+    def empty(self) -> bool:
+        return not (self.json or self.msgpack or self.pending)
+
+
+def frame_bytes(message: Message, encoding: Encoding) -> bytes:
+    """The complete WebSocket frame carrying ``message`` in ``encoding``."""
+    return ws_frame(encode(message_frame(message), encoding), binary=encoding is Encoding.MSGPACK)
+
+
+class Hub:
+    """The topics this worker serves and who listens to each."""
+
+    def __init__(self) -> None:
+        self._topics: dict[Topic, _Topic] = {}
+        self._dirty: list[Subscriber] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def __len__(self) -> int:
+        return len(self._topics)
+
+    def subscribers(self, topic: Topic) -> int:
+        """How many local connections listen to ``topic`` (live or catching up)."""
+        entry = self._topics.get(topic)
+        if entry is None:
+            return 0
+        return len(entry.json) + len(entry.msgpack) + len(entry.pending)
+
+    def begin(self, topic: Topic, subscriber: Subscriber) -> None:
+        """Start buffering ``topic``'s live messages for a subscriber that is catching up."""
+        entry = self._topics.get(topic)
+        if entry is None:
+            entry = self._topics[topic] = _Topic()
+        entry.pending[subscriber] = []
+
+    def activate(self, topic: Topic, subscriber: Subscriber, after: str) -> list[Message]:
+        """Make a catching-up subscriber live; return what arrived meanwhile after ``after``.
+
+        The caller sends those before returning to the loop, so no live
+        message can slip between the replay and the live stream.
+        """
+        entry = self._topics[topic]
+        buffered = entry.pending.pop(subscriber, [])
+        live = entry.json if subscriber.encoding is Encoding.JSON else entry.msgpack
+        live[subscriber] = None
+        floor = offset_key(after)
+        return [m for m in buffered if offset_key(m.id) > floor]
+
+    def remove(self, topic: Topic, subscriber: Subscriber) -> None:
+        """Forget a subscriber of ``topic`` (live or pending); no-op if absent."""
+        entry = self._topics.get(topic)
+        if entry is None:
+            return
+        if entry.pending.pop(subscriber, None) is None:
+            live = entry.json if subscriber.encoding is Encoding.JSON else entry.msgpack
+            live.pop(subscriber, None)
+        if entry.empty():
+            del self._topics[topic]
+
+    def deliver(self, message: Message) -> None:
+        """Fan ``message`` out to this worker's subscribers of its topic. Never awaits."""
+        entry = self._topics.get(message.topic)
+        if entry is None:
+            return
+        for buffered in entry.pending.values():
+            buffered.append(message)
+        if entry.json:
+            frame = frame_bytes(message, Encoding.JSON)
+            for subscriber in entry.json:
+                subscriber.push(frame)
+        if entry.msgpack:
+            frame = frame_bytes(message, Encoding.MSGPACK)
+            for subscriber in entry.msgpack:
+                subscriber.push(frame)
+
+    def schedule_flush(self, subscriber: Subscriber) -> None:
+        """Have ``subscriber.flush()`` called once, at the end of this loop iteration."""
+        if not self._dirty:
+            if self._loop is None:
+                self._loop = asyncio.get_running_loop()
+            self._loop.call_soon(self._flush)
+        self._dirty.append(subscriber)
+
+    def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        for subscriber in dirty:
+            subscriber.flush()

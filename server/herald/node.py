@@ -1,0 +1,295 @@
+"""The node: owns the engine and the hub, and does what HTTP and WebSocket ask.
+
+It reference-counts this worker's topic subscriptions with the engine and
+merges history with live messages on subscribe, so a client sees every
+message once, in order, whatever races its subscribe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections import defaultdict
+from typing import Any, Protocol
+
+from herald.auth import Principal, hash_key, new_key, principal_for_key, require_scope
+from herald.channels import parse_metadata, payload_size
+from herald.config import Settings
+from herald.engines.base import Engine
+from herald.errors import BadRequest, Conflict, Gone, NotFound, PayloadTooLarge
+from herald.hub import Hub, Subscriber, frame_bytes
+from herald.models import Channel, KeyRecord, Message, Topic, parse_offset
+from herald.protocol import ConnectionState, Subscribe, Unsubscribe
+
+__all__ = ["BOOTSTRAP_APP", "Client", "Node"]
+
+logger = logging.getLogger("herald.node")
+
+BOOTSTRAP_APP = "default"
+"""The app that exists from first start; its admin key is the operator's."""
+
+
+class Client(Subscriber, Protocol):
+    """A WebSocket connection as the node sees it."""
+
+    state: ConnectionState
+
+    def send(self, frame: dict[str, Any]) -> None:
+        """Encode and queue one server frame."""
+
+
+class Node:
+    """One worker's Herald: engine + hub + the operations on them."""
+
+    def __init__(self, settings: Settings, engine: Engine) -> None:
+        self.settings = settings
+        self.engine = engine
+        self.hub = Hub()
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.admin_key: str | None = None
+        self._refs: dict[Topic, int] = defaultdict(int)
+        self._engine_topics: set[Topic] = set()
+        self._locks: dict[Topic, asyncio.Lock] = {}
+        self.clients: set[Any] = set()
+        """Open WebSocket connections of this worker (for keepalive and shutdown)."""
+
+    async def start(self) -> None:
+        """Start the engine and make sure the bootstrap admin key exists."""
+        await self.engine.start(self.hub.deliver)
+        key = self.settings.admin_key or new_key()
+        await self.engine.add_key(
+            KeyRecord(id="bootstrap", app=BOOTSTRAP_APP, scopes=("admin",), key_hash=hash_key(key))
+        )
+        self.admin_key = key
+
+    async def stop(self) -> None:
+        """Release the engine."""
+        await self.engine.close()
+
+    # Identity
+
+    async def authenticate(self, key: str) -> Principal:
+        """The principal behind an app key; `Unauthorized` otherwise."""
+        return principal_for_key(key, await self.engine.find_key(hash_key(key)))
+
+    # Channels
+
+    async def create_channel(self, principal: Principal, channel: Channel) -> Channel:
+        """Store a new channel of the principal's app; `Conflict` if the name is taken."""
+        require_scope(principal, "admin")
+        channel.owner = principal.author
+        if not await self.engine.create_channel(channel):
+            raise Conflict(f"channel {channel.name!r} exists already", path="name")
+        return channel
+
+    async def channel(self, principal: Principal, name: str) -> Channel:
+        """A channel of the principal's app, or `NotFound`."""
+        channel = await self.engine.get_channel(principal.app, name)
+        if channel is None:
+            raise NotFound("Not found")
+        return channel
+
+    async def list_channels(
+        self,
+        principal: Principal,
+        *,
+        after: str | None,
+        limit: int,
+        include_inactive: bool,
+        kind: str | None,
+    ) -> tuple[list[Channel], str | None]:
+        """One page of channels and the cursor of the next page (``None`` at the end)."""
+        found: list[Channel] = []
+        cursor = after
+        while len(found) < limit:
+            batch = await self.engine.list_channels(principal.app, after=cursor, limit=limit)
+            for channel in batch:
+                if (include_inactive or not channel.is_inactive) and kind in (None, channel.type):
+                    found.append(channel)
+                    if len(found) == limit:
+                        break
+                cursor = channel.name
+            if len(batch) < limit:
+                return found, None
+        return found, found[-1].name if found else None
+
+    def counts(self, channel: Channel) -> dict[str, int]:
+        """The ``counts`` object: messages stored, persistent subscribers, live connections."""
+        connections = sum(
+            self.hub.subscribers(topic)
+            for topic in self._refs
+            if topic[:2] == (channel.app, channel.name)
+        )
+        return {"messages": channel.messages, "subscribers": 0, "connections": connections}
+
+    # Messages
+
+    async def publish(
+        self,
+        principal: Principal,
+        name: str,
+        *,
+        payload: Any,
+        room: object = None,
+        metadata: object = None,
+    ) -> Message:
+        """Validate, store in history and hand to the broker. Never waits for subscribers."""
+        require_scope(principal, "publish")
+        channel = await self.channel(principal, name)
+        if channel.is_inactive:
+            raise Gone(f"channel {name!r} is closed")
+        room_name = channel.check_room(room)
+        if payload_size(payload, "payload") > self.settings.max_payload_bytes:
+            raise PayloadTooLarge(
+                f"payload is larger than {self.settings.max_payload_bytes} bytes", path="payload"
+            )
+        message = Message(
+            id="",
+            app=channel.app,
+            channel=channel.name,
+            room=room_name,
+            payload=payload,
+            author=principal.author,
+            created_at="",
+            metadata=parse_metadata(metadata, self.settings),
+        )
+        return await self.engine.publish(channel, message)
+
+    async def history(
+        self,
+        principal: Principal,
+        name: str,
+        *,
+        room: object,
+        since: str | None,
+        until: str | None,
+        limit: int,
+        reverse: bool,
+    ) -> list[Message]:
+        """Retained messages of one topic of a channel."""
+        channel = await self.channel(principal, name)
+        topic = channel.topic(channel.check_room(room))
+        return await self.engine.history(
+            topic, since=since, until=until, limit=limit, reverse=reverse
+        )
+
+    async def message(
+        self, principal: Principal, name: str, message_id: str, room: object
+    ) -> Message:
+        """One retained message by id, or `NotFound`."""
+        channel = await self.channel(principal, name)
+        topic = channel.topic(channel.check_room(room))
+        ms, seq = parse_offset(message_id, "id")
+        # The newest message before the id right after this one is this one, if it exists.
+        found = await self.engine.history(topic, until=f"{ms}-{seq + 1}", limit=1, reverse=True)
+        if not found or found[0].id != message_id:
+            raise NotFound("Not found")
+        return found[0]
+
+    # Subscriptions
+
+    async def subscribe(self, client: Client, principal: Principal, request: Subscribe) -> None:
+        """Subscribe a connection, replaying history after ``request.since`` first.
+
+        Live messages that arrive while history is read are buffered in the hub
+        and merged by id, so the client gets no gap and no duplicate.
+        """
+        require_scope(principal, "subscribe")
+        channel = await self.channel(principal, request.channel)
+        if channel.is_inactive:
+            raise Gone(f"channel {channel.name!r} is closed")
+        topic = channel.topic(channel.check_room(request.room))
+        if topic in client.state.topics:
+            raise Conflict(f"already subscribed to {channel.name!r}", path="channel")
+        if len(client.state.topics) >= self.settings.max_subscriptions:
+            raise BadRequest(
+                f"a connection holds at most {self.settings.max_subscriptions} subscriptions",
+                code="too_many_subscriptions",
+            )
+        client.state.topics.add(topic)
+        self.hub.begin(topic, client)
+        try:
+            await self._acquire(topic)
+            if request.since is not None:
+                recovery = await self.engine.recover(topic, request.since)
+                replay, recovered, position = (
+                    recovery.messages,
+                    recovery.recovered,
+                    recovery.position,
+                )
+            else:
+                replay, recovered, position = [], None, await self.engine.position(topic)
+        except BaseException:
+            self.hub.remove(topic, client)
+            client.state.topics.discard(topic)
+            await self._release(topic)
+            raise
+        answer: dict[str, Any] = {
+            "op": "subscribed",
+            "id": request.id,
+            "channel": channel.name,
+            "room": topic.room,
+            "position": {"offset": position.offset, "epoch": position.epoch},
+        }
+        if recovered is not None:
+            answer["recovered"] = recovered
+        client.send(answer)
+        for message in replay:
+            client.push(frame_bytes(message, client.state.encoding))
+        # position was read with the replay: anything buffered past it is new.
+        for message in self.hub.activate(topic, client, position.offset):
+            client.push(frame_bytes(message, client.state.encoding))
+
+    async def unsubscribe(self, client: Client, principal: Principal, request: Unsubscribe) -> None:
+        """Stop a connection's subscription to one topic."""
+        channel = await self.channel(principal, request.channel)
+        topic = channel.topic(channel.check_room(request.room))
+        if topic not in client.state.topics:
+            raise NotFound(f"not subscribed to {channel.name!r}", path="channel")
+        client.state.topics.discard(topic)
+        self.hub.remove(topic, client)
+        client.send(
+            {"op": "unsubscribed", "id": request.id, "channel": channel.name, "room": topic.room}
+        )
+        await self._release(topic)
+
+    async def disconnect(self, client: Client) -> None:
+        """Drop every subscription of a closed connection."""
+        topics, client.state.topics = client.state.topics, set()
+        for topic in topics:
+            self.hub.remove(topic, client)
+        for topic in topics:
+            await self._release(topic)
+
+    def _lock(self, topic: Topic) -> asyncio.Lock:
+        lock = self._locks.get(topic)
+        if lock is None:
+            lock = self._locks[topic] = asyncio.Lock()
+        return lock
+
+    async def _acquire(self, topic: Topic) -> None:
+        self._refs[topic] += 1
+        if topic in self._engine_topics:
+            return
+        async with self._lock(topic):
+            if topic not in self._engine_topics and self._refs.get(topic, 0) > 0:
+                await self.engine.subscribe(topic)
+                self._engine_topics.add(topic)
+
+    async def _release(self, topic: Topic) -> None:
+        self._refs[topic] -= 1
+        if self._refs[topic] > 0:
+            return
+        del self._refs[topic]
+        lock = self._lock(topic)
+        async with lock:
+            # Re-check under the lock: a subscribe may have come back meanwhile.
+            if self._refs.get(topic, 0) == 0 and topic in self._engine_topics:
+                # Leave the set first, so a concurrent subscribe waits for the lock
+                # and resubscribes after this unsubscribe, not before.
+                self._engine_topics.discard(topic)
+                await self.engine.unsubscribe(topic)
+        if self._refs.get(topic, 0) == 0 and not lock.locked():
+            self._locks.pop(topic, None)

@@ -1,0 +1,330 @@
+"""The WebSocket protocol without I/O: frames in, requests out, bytes to send.
+
+`ConnectionState` holds what one connection has said so far; the transport
+feeds it decoded WebSocket messages and acts on what it returns. Nothing
+here touches a socket, so all of it is tested with plain values.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import msgpack
+import orjson
+
+from herald.errors import CloseCode, HeraldError, ProtocolError, Unauthorized
+from herald.models import Message, Topic, check_name, parse_offset
+
+__all__ = [
+    "SUBPROTOCOLS",
+    "Connect",
+    "ConnectionState",
+    "Encoding",
+    "Ping",
+    "Publish",
+    "Reply",
+    "Request",
+    "Subscribe",
+    "Unsubscribe",
+    "decode",
+    "encode",
+    "error_frame",
+    "message_frame",
+    "ws_frame",
+]
+
+
+class Encoding(Enum):
+    """How frames are serialised on one connection, chosen by subprotocol."""
+
+    JSON = "herald.json"
+    MSGPACK = "herald.msgpack"
+
+
+SUBPROTOCOLS = (Encoding.JSON.value, Encoding.MSGPACK.value)
+"""Subprotocols offered at the handshake, in order of preference."""
+
+_MAX_ID_LENGTH = 64
+
+
+def decode(data: bytes | str, encoding: Encoding) -> dict[str, Any]:
+    """Parse one WebSocket message into a frame object, or raise `ProtocolError`.
+
+    JSON connections must send text messages, msgpack connections binary ones.
+    """
+    if encoding is Encoding.JSON:
+        if not isinstance(data, str):
+            raise ProtocolError("herald.json expects text frames")
+        try:
+            frame = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise ProtocolError(f"JSON parse error: {exc}") from None
+    else:
+        if isinstance(data, str):
+            raise ProtocolError("herald.msgpack expects binary frames")
+        try:
+            frame = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        except Exception as exc:  # msgpack raises a zoo of types: all mean "does not parse"
+            raise ProtocolError(f"MessagePack parse error: {exc}") from None
+    if not isinstance(frame, dict):
+        raise ProtocolError("a frame must be an object")
+    return frame
+
+
+def encode(frame: dict[str, Any], encoding: Encoding) -> bytes:
+    """Serialise a server frame for one encoding."""
+    if encoding is Encoding.JSON:
+        return orjson.dumps(frame)
+    packed: bytes = msgpack.packb(frame, use_bin_type=True)
+    return packed
+
+
+def ws_frame(payload: bytes, *, binary: bool) -> bytes:
+    """One unmasked, unfragmented WebSocket data frame.
+
+    Server frames carry no mask, so these bytes are the same for every
+    subscriber: the fan-out builds them once and writes them many times.
+    """
+    head = 0x82 if binary else 0x81
+    n = len(payload)
+    if n < 126:
+        return bytes((head, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", head, 126, n) + payload
+    return struct.pack("!BBQ", head, 127, n) + payload
+
+
+def message_frame(message: Message) -> dict[str, Any]:
+    """The ``message`` frame a subscriber receives."""
+    frame: dict[str, Any] = {
+        "op": "message",
+        "channel": message.channel,
+        "room": message.room,
+        "id": message.id,
+        "payload": message.payload,
+        "author": message.author,
+        "created_at": message.created_at,
+    }
+    if message.metadata is not None:
+        frame["metadata"] = message.metadata
+    return frame
+
+
+def error_frame(error: HeraldError, request_id: object = None) -> dict[str, Any]:
+    """The ``error`` frame for a failed request."""
+    frame: dict[str, Any] = {"op": "error", "code": error.code, "detail": error.detail}
+    if request_id is not None:
+        frame["id"] = request_id
+    if error.path is not None:
+        frame["path"] = error.path
+    return frame
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    """``connect``: the first frame, with exactly one credential."""
+
+    id: object
+    key: str | None
+    token: str | None
+    connection_key: str | None
+    client: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """``subscribe`` to one channel (and room), optionally recovering after ``since``."""
+
+    id: object
+    channel: str
+    room: str | None
+    since: str | None
+    subscriber_key: str | None
+    persist: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    """``unsubscribe`` from one channel (and room)."""
+
+    id: object
+    channel: str
+    room: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Publish:
+    """``publish`` a payload from the socket."""
+
+    id: object
+    channel: str
+    room: str | None
+    payload: Any
+    metadata: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A device's ``reply`` to a command."""
+
+    command_id: str
+    payload: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """``ping``: answered with ``pong``."""
+
+    id: object
+
+
+Request = Connect | Subscribe | Unsubscribe | Publish | Reply | Ping
+
+
+def _request_id(frame: dict[str, Any], required: bool = True) -> object:
+    value = frame.get("id")
+    if value is None:
+        if required:
+            raise ProtocolError("id is required", path="id")
+        return None
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ProtocolError("id must be a string or an integer", path="id")
+    if isinstance(value, str) and len(value) > _MAX_ID_LENGTH:
+        raise ProtocolError(f"id is at most {_MAX_ID_LENGTH} characters", path="id")
+    if isinstance(value, int) and not -(2**53) < value < 2**53:
+        raise ProtocolError("id must fit in 53 bits", path="id")
+    return value
+
+
+def _str(frame: dict[str, Any], name: str, *, required: bool = False) -> str | None:
+    value = frame.get(name)
+    if value is None:
+        if required:
+            raise ProtocolError(f"{name} is required", path=name)
+        return None
+    if not isinstance(value, str) or not value or len(value) > 1024:
+        raise ProtocolError(f"{name} must be a non-empty string", path=name)
+    return value
+
+
+def _channel(frame: dict[str, Any]) -> tuple[str, str | None]:
+    channel = frame.get("channel")
+    if channel is None:
+        raise ProtocolError("channel is required", path="channel")
+    try:
+        check_name(channel, "channel")
+        room = frame.get("room")
+        if room is not None and room != "":
+            check_name(room, "room")
+    except HeraldError as exc:
+        raise ProtocolError(exc.detail, path=exc.path) from None
+    return channel, room or None
+
+
+def parse_request(frame: dict[str, Any]) -> Request:
+    """Validate a decoded frame into a request, or raise `ProtocolError`."""
+    op = frame.get("op")
+    if op == "subscribe":
+        channel, room = _channel(frame)
+        since = frame.get("since")
+        if since is not None:
+            try:
+                parse_offset(since)
+            except HeraldError as exc:
+                raise ProtocolError(exc.detail, path="since") from None
+        persist = frame.get("persist", False)
+        if not isinstance(persist, bool):
+            raise ProtocolError("persist must be a boolean", path="persist")
+        return Subscribe(
+            _request_id(frame), channel, room, since, _str(frame, "subscriber_key"), persist
+        )
+    if op == "unsubscribe":
+        channel, room = _channel(frame)
+        return Unsubscribe(_request_id(frame), channel, room)
+    if op == "publish":
+        channel, room = _channel(frame)
+        if "payload" not in frame:
+            raise ProtocolError("payload is required", path="payload")
+        metadata = frame.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise ProtocolError("metadata must be an object", path="metadata")
+        return Publish(_request_id(frame), channel, room, frame["payload"], metadata)
+    if op == "ping":
+        return Ping(_request_id(frame, required=False))
+    if op == "connect":
+        credentials = {n: _str(frame, n) for n in ("key", "token", "connection_key")}
+        if sum(v is not None for v in credentials.values()) != 1:
+            raise Unauthorized("connect needs exactly one of key, token, connection_key")
+        return Connect(
+            _request_id(frame, required=False),
+            credentials["key"],
+            credentials["token"],
+            credentials["connection_key"],
+            _str(frame, "client"),
+        )
+    if op == "reply":
+        command_id = _str(frame, "command_id", required=True)
+        assert command_id is not None
+        return Reply(command_id, frame.get("payload"))
+    if op is None:
+        raise ProtocolError("op is required", path="op")
+    raise ProtocolError(f"unknown op {op!r}"[:200], path="op")
+
+
+class ConnectionState:
+    """What one connection has said: its encoding, identity, topics, and bad-frame streak.
+
+    ``receive`` turns a WebSocket message into a request or raises; after an
+    error, ``close_code_for`` says whether the connection must now close.
+    """
+
+    __slots__ = (
+        "authenticated",
+        "bad_frames",
+        "encoding",
+        "max_bad_frames",
+        "request_id",
+        "topics",
+    )
+
+    def __init__(self, encoding: Encoding, *, max_bad_frames: int = 3) -> None:
+        self.encoding = encoding
+        self.max_bad_frames = max_bad_frames
+        self.authenticated = False
+        self.bad_frames = 0
+        self.request_id: object = None
+        self.topics: set[Topic] = set()
+
+    def receive(self, data: bytes | str) -> Request:
+        """Decode and validate one message; enforces that ``connect`` comes first.
+
+        ``request_id`` is left holding the frame's ``id`` (when it has a usable
+        one) for the answer or the error.
+        """
+        self.request_id = None
+        frame = decode(data, self.encoding)
+        request_id = frame.get("id")
+        if isinstance(request_id, str | int) and not isinstance(request_id, bool):
+            # Remembered even if the frame is invalid, so the error can echo it.
+            self.request_id = request_id
+        request = parse_request(frame)
+        self.bad_frames = 0
+        if not self.authenticated and not isinstance(request, Connect):
+            raise Unauthorized("the first frame must be connect")
+        if self.authenticated and isinstance(request, Connect):
+            raise ProtocolError("already connected", path="op")
+        return request
+
+    def close_code_for(self, error: HeraldError) -> CloseCode | None:
+        """The close code an error forces, if any (and count bad frames toward 4000)."""
+        if isinstance(error, ProtocolError):
+            self.bad_frames += 1
+            if self.bad_frames >= self.max_bad_frames:
+                return CloseCode.BAD_FRAME
+            return None
+        if not self.authenticated and isinstance(error, Unauthorized):
+            return CloseCode.UNAUTHORIZED
+        return None

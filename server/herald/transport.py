@@ -1,0 +1,355 @@
+"""The only module that touches sockets: WebSocket handshake, reading, batched writing.
+
+`Connection` is an asyncio protocol that uvicorn hands every upgrade request
+to (its ``ws`` setting), so HTTP and WebSocket share one port. It drives the
+`websockets` sans-I/O `ServerProtocol` for the handshake, incoming frames and
+control frames, but writes fan-out frames itself: the hub gives it ready
+frame bytes and it coalesces them into one ``writelines`` per loop iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from collections import deque
+from typing import Any, cast
+
+from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request
+from websockets.server import ServerProtocol
+from websockets.typing import Subprotocol
+
+from herald.auth import Principal
+from herald.errors import CloseCode, HeraldError, Unauthorized
+from herald.node import Node
+from herald.protocol import (
+    SUBPROTOCOLS,
+    Connect,
+    ConnectionState,
+    Encoding,
+    Ping,
+    Publish,
+    Reply,
+    Subscribe,
+    Unsubscribe,
+    encode,
+    error_frame,
+    ws_frame,
+)
+
+__all__ = ["CONNECT_PATH", "Connection", "keepalive"]
+
+logger = logging.getLogger("herald.transport")
+
+CONNECT_PATH = "/v1/connect"
+_CLOSE_GRACE = 2.0  # seconds to wait for the peer's close frame before dropping the TCP link
+_INBOX_HIGH = 64  # frames queued before we stop reading from the socket
+_INBOX_LOW = 16
+_ids = itertools.count(1)
+
+
+def _select_subprotocol(_: ServerProtocol, offered: Any) -> Subprotocol | None:
+    for name in SUBPROTOCOLS:
+        if name in offered:
+            return Subprotocol(name)
+    return None  # no (known) subprotocol: JSON, as a plain browser WebSocket expects
+
+
+class Connection(asyncio.Protocol):
+    """One WebSocket client. Created by uvicorn with its config and shared state."""
+
+    def __init__(
+        self,
+        config: Any,
+        server_state: Any,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.node: Node = app_state["node"]
+        settings = self.node.settings
+        self._limit = settings.outbox_limit_bytes
+        self._server_connections: set[Any] = server_state.connections
+        extensions = [ServerPerMessageDeflateFactory()] if settings.websocket_compression else None
+        self.ws = ServerProtocol(
+            subprotocols=[Subprotocol(s) for s in SUBPROTOCOLS],
+            select_subprotocol=_select_subprotocol,
+            extensions=extensions,
+            max_size=settings.max_frame_bytes,
+            logger=logger,
+        )
+        self.loop = _loop or asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.encoding = Encoding.JSON
+        self.state = ConnectionState(self.encoding, max_bad_frames=settings.max_bad_frames)
+        self.principal: Principal | None = None
+        self.client_id = ""
+        self.alive = True
+        self.open = False
+        self._closing = False
+        self._out: list[bytes] = []
+        self._out_bytes = 0
+        self._queued = False
+        self._fragments: list[bytes] = []
+        self._fragment_text = False
+        self._inbox: deque[bytes | str] = deque()
+        self._worker: asyncio.Task[None] | None = None
+        self._paused = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Register with the server so a graceful shutdown reaches us."""
+        # uvloop's transports do not subclass asyncio.Transport, but implement it.
+        self.transport = cast(asyncio.Transport, transport)
+        self._server_connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Forget the connection everywhere."""
+        self._server_connections.discard(self)
+        self._closing = True
+        self._out.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._worker is not None:
+            self._worker.cancel()
+        if self.open:
+            self.open = False
+            self.node.clients.discard(self)
+            self.loop.create_task(self.node.disconnect(self))
+
+    def data_received(self, data: bytes) -> None:
+        """Feed the sans-I/O protocol and act on the events it yields."""
+        self.ws.receive_data(data)
+        self.alive = True
+        for event in self.ws.events_received():
+            if isinstance(event, Frame):
+                self._on_frame(event)
+            elif isinstance(event, Request):
+                self._on_handshake(event)
+        self._write_protocol_data()
+
+    def eof_received(self) -> bool | None:
+        """The peer half-closed: let the protocol answer, then close."""
+        self.ws.receive_eof()
+        self._write_protocol_data()
+        return None
+
+    def shutdown(self) -> None:
+        """Called by uvicorn on SIGTERM: tell the client to reconnect elsewhere."""
+        if self.open:
+            self.close(CloseCode.SERVICE_RESTART, "server restarting")
+        elif self.transport is not None:
+            self.transport.close()
+
+    # Handshake and incoming frames
+
+    def _on_handshake(self, request: Request) -> None:
+        if request.path.partition("?")[0] != CONNECT_PATH:
+            response = self.ws.reject(404, "Not found\n")
+        else:
+            response = self.ws.accept(request)
+        self.ws.send_response(response)
+        if response.status_code != 101:
+            return
+        self.encoding = Encoding(self.ws.subprotocol or Encoding.JSON.value)
+        self.state.encoding = self.encoding
+        self.client_id = f"{self.node.name}/{next(_ids)}"
+        self.open = True
+        self.node.clients.add(self)
+        self._timer = self.loop.call_later(
+            self.node.settings.connect_timeout, self._connect_timeout
+        )
+
+    def _connect_timeout(self) -> None:
+        if not self.state.authenticated:
+            self.send(error_frame(Unauthorized("no connect frame in time")))
+            self.close(CloseCode.UNAUTHORIZED, "no connect frame in time")
+
+    def _on_frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        # The parser hands out bytes; the wider declared type is for callers that send.
+        chunk = cast(bytes, frame.data)
+        if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+            self._fragment_text = opcode is Opcode.TEXT
+            if not frame.fin:
+                self._fragments = [chunk]
+                return
+            data = chunk
+        elif opcode is Opcode.CONT:
+            self._fragments.append(chunk)
+            if not frame.fin:
+                return
+            data, self._fragments = b"".join(self._fragments), []
+        else:
+            return  # ping, pong and close are answered by the protocol itself
+        if self._closing:
+            return
+        # websockets has already checked that text frames are valid UTF-8.
+        self._inbox.append(data.decode() if self._fragment_text else data)
+        if self._worker is None:
+            self._worker = self.loop.create_task(self._drain_inbox())
+        if len(self._inbox) >= _INBOX_HIGH and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+
+    async def _drain_inbox(self) -> None:
+        try:
+            while self._inbox and not self._closing:
+                await self._handle(self._inbox.popleft())
+                if self._paused and len(self._inbox) <= _INBOX_LOW and self.transport is not None:
+                    self._paused = False
+                    self.transport.resume_reading()
+        finally:
+            self._worker = None
+
+    async def _handle(self, data: bytes | str) -> None:
+        state = self.state
+        try:
+            request = state.receive(data)
+            if isinstance(request, Connect):
+                await self._connect(request)
+            elif isinstance(request, Subscribe):
+                assert self.principal is not None
+                await self.node.subscribe(self, self.principal, request)
+            elif isinstance(request, Unsubscribe):
+                assert self.principal is not None
+                await self.node.unsubscribe(self, self.principal, request)
+            elif isinstance(request, Publish):
+                assert self.principal is not None
+                message = await self.node.publish(
+                    self.principal,
+                    request.channel,
+                    payload=request.payload,
+                    room=request.room,
+                    metadata=request.metadata,
+                )
+                self.send({"op": "published", "id": request.id, "message_id": message.id})
+            elif isinstance(request, Ping):
+                frame: dict[str, Any] = {"op": "pong"}
+                if request.id is not None:
+                    frame["id"] = request.id
+                self.send(frame)
+            elif isinstance(request, Reply):
+                # No commands are in flight in this version: a reply matches nothing.
+                pass
+        except HeraldError as exc:
+            self.send(error_frame(exc, state.request_id))
+            code = state.close_code_for(exc)
+            if code is not None:
+                self.close(code, exc.detail)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("request failed on %s", self.client_id)
+            self.send(
+                {
+                    "op": "error",
+                    "id": state.request_id,
+                    "code": "internal_error",
+                    "detail": "internal error",
+                }
+            )
+
+    async def _connect(self, request: Connect) -> None:
+        if request.key is None:
+            raise Unauthorized("only app keys are accepted in this version")
+        self.principal = await self.node.authenticate(request.key)
+        self.state.authenticated = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        frame: dict[str, Any] = {
+            "op": "connected",
+            "client_id": self.client_id,
+            "ping_interval": self.node.settings.ping_interval,
+            "server": self.node.name,
+        }
+        if request.id is not None:
+            frame["id"] = request.id
+        self.send(frame)
+
+    # Outgoing
+
+    def send(self, frame: dict[str, Any]) -> None:
+        """Encode one server frame for this connection and queue it."""
+        self.push(ws_frame(encode(frame, self.encoding), binary=self.encoding is Encoding.MSGPACK))
+
+    def push(self, frame: bytes) -> None:
+        """Queue ready frame bytes; the hub flushes once per loop iteration. Never awaits."""
+        if self._closing:
+            return
+        self._out.append(frame)
+        self._out_bytes += len(frame)
+        if not self._queued:
+            self._queued = True
+            self.node.hub.schedule_flush(self)
+
+    def flush(self) -> None:
+        """Write everything queued in one call, or close the connection as slow."""
+        self._queued = False
+        if not self._out or self.transport is None or self._closing:
+            return
+        out, self._out = self._out, []
+        pending, self._out_bytes = self._out_bytes, 0
+        if pending + self.transport.get_write_buffer_size() > self._limit:
+            # It is not reading: drop its backlog rather than let it grow; it can
+            # reconnect with `since` and recover what it missed from history.
+            self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
+            return
+        self.transport.writelines(out)
+
+    def close(self, code: CloseCode, reason: str = "") -> None:
+        """Flush what is queued, send a close frame, and drop the link if the peer lingers."""
+        if self._closing or self.transport is None:
+            return
+        if code is not CloseCode.SLOW_CONSUMER:
+            self.flush()
+        self._closing = True
+        self._out.clear()
+        with contextlib.suppress(Exception):  # the protocol may already be closing
+            self.ws.send_close(code, reason.encode()[:120].decode(errors="ignore"))
+        self._write_protocol_data()
+        self.loop.call_later(_CLOSE_GRACE, self._abort)
+
+    def ping(self) -> None:
+        """Send a transport ping; the keepalive drops peers that stay silent."""
+        if self._closing:
+            return
+        self.alive = False
+        with contextlib.suppress(Exception):
+            self.ws.send_ping(b"")
+        self._write_protocol_data()
+
+    def _abort(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()
+
+    def _write_protocol_data(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        for chunk in self.ws.data_to_send():
+            if chunk:
+                transport.write(chunk)
+            elif not transport.is_closing():
+                # End of stream: the close handshake is over (or the handshake failed).
+                transport.close()
+        if self.ws.close_expected() and not self._closing:
+            self._closing = True
+            self.loop.call_later(_CLOSE_GRACE, self._abort)
+
+
+async def keepalive(node: Node) -> None:
+    """Ping every open connection each ``ping_interval``; drop those silent since the last."""
+    interval = node.settings.ping_interval
+    while True:
+        await asyncio.sleep(interval)
+        for client in list(node.clients):
+            if not client.alive:
+                client._abort()
+            else:
+                client.ping()

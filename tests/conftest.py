@@ -1,0 +1,37 @@
+"""Fixtures: real Herald processes on free ports, stopped by PID in teardown."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import ServerProcess, start_server
+
+_names = itertools.count(1)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One ``herald serve`` (memory engine) shared by the tests that only add data to it."""
+    proc = start_server(tmp_path_factory.mktemp("server"))
+    yield proc
+    proc.stop(signal.SIGKILL if proc.proc.poll() is None else signal.SIGTERM)
+
+
+@pytest.fixture
+def fresh_server(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A ``herald serve`` of the test's own, for tests that stop or upset it."""
+    proc = start_server(tmp_path)
+    yield proc
+    proc.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def channel_name(request: pytest.FixtureRequest) -> str:
+    """A channel name no other test uses."""
+    base = "".join(c if c.isalnum() else "-" for c in request.node.name)[:100]
+    return f"{base}-{next(_names)}"
