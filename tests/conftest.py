@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import ServerProcess, start_server
+from tests.support import RedisProcess, ServerProcess, start_redis, start_server
 
 _names = itertools.count(1)
 
@@ -35,3 +35,19 @@ def channel_name(request: pytest.FixtureRequest) -> str:
     """A channel name no other test uses."""
     base = "".join(c if c.isalnum() else "-" for c in request.node.name)[:100]
     return f"{base}-{next(_names)}"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
+    """One real ``redis-server`` shared by tests that only add data to it."""
+    proc = start_redis(tmp_path_factory.mktemp("redis"))
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def fresh_redis(tmp_path: Path) -> Iterator[RedisProcess]:
+    """A ``redis-server`` of the test's own, for tests that kill or restart it."""
+    proc = start_redis(tmp_path)
+    yield proc
+    proc.stop()

@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 
-__all__ = ["ServerProcess", "free_port", "scaled", "start_server"]
+__all__ = [
+    "RedisProcess",
+    "ServerProcess",
+    "free_port",
+    "scaled",
+    "start_redis",
+    "start_server",
+    "wait_until",
+]
 
 TIMEOUT_SCALE = float(os.environ.get("HERALD_TEST_TIMEOUT_SCALE", "1"))
 """Multiplies every timeout in the tests; raise it on a slow machine."""
@@ -23,6 +33,17 @@ TIMEOUT_SCALE = float(os.environ.get("HERALD_TEST_TIMEOUT_SCALE", "1"))
 def scaled(seconds: float) -> float:
     """A timeout scaled by ``HERALD_TEST_TIMEOUT_SCALE``."""
     return seconds * TIMEOUT_SCALE
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[bool]], seconds: float = 10.0, interval: float = 0.05
+) -> None:
+    """Poll ``check`` until it is true; for states a server reports but does not announce."""
+    async with asyncio.timeout(scaled(seconds)):
+        while True:
+            if await check():
+                return
+            await asyncio.sleep(interval)
 
 
 def free_port() -> int:
@@ -114,3 +135,98 @@ def start_server(
                 raise RuntimeError(f"herald did not become healthy:\n{server.log()}")
             time.sleep(0.05)
     return server
+
+
+@dataclass
+class RedisProcess:
+    """A ``redis-server`` the tests started on a free port; it can be killed and restarted."""
+
+    port: int
+    directory: Path
+    appendonly: bool = False
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        """``redis://`` URL of database 0."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisProcess:
+        """Start (or restart) the server on the same port and wait until it answers PING."""
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError(
+                "redis-server is not installed: run scripts/test.sh, which installs it"
+            )
+        args = [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "always",
+            "--protected-mode",
+            "no",
+        ]
+        log = (self.directory / "redis.log").open("ab")
+        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+        deadline = time.monotonic() + scaled(10)
+        while not self._answers():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not answer PING")
+            time.sleep(0.02)
+        return self
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(64).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    async def cli(self, *args: str) -> str:
+        """Run one ``redis-cli`` command against this server; its output."""
+        proc = await asyncio.create_subprocess_exec(
+            "redis-cli",
+            "-p",
+            str(self.port),
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"redis-cli {' '.join(args)} failed: {out!r}")
+        return out.decode(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash, as far as clients can tell) and wait for it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self) -> None:
+        """Stop the server by PID (SIGTERM, then SIGKILL if it lingers)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(scaled(10))
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_redis(directory: Path, *, appendonly: bool = False) -> RedisProcess:
+    """A fresh ``redis-server`` on a free port, storing its files in ``directory``."""
+    return RedisProcess(free_port(), directory, appendonly).start()

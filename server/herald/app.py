@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-from collections.abc import AsyncIterator, Callable
+import os
+import signal
+from collections.abc import AsyncIterator
 from typing import Any
 
 import uvicorn
@@ -15,22 +16,23 @@ from herald.api import error_handlers, routes
 from herald.config import Settings
 from herald.engines.base import Engine
 from herald.engines.memory import MemoryEngine
+from herald.logs import configure
 from herald.node import Node
 from herald.transport import Connection, keepalive
 
-__all__ = ["create_app", "make_engine", "run"]
-
-logger = logging.getLogger("herald")
+__all__ = ["create_app", "make_engine", "run", "worker_app"]
 
 
 def make_engine(settings: Settings) -> Engine:
-    """The engine the settings ask for."""
+    """The engine the settings ask for: Redis when a URL is set, else memory."""
     if settings.redis_url:
-        raise NotImplementedError("the Redis engine is not available in this version")
+        from herald.engines.redis import RedisEngine
+
+        return RedisEngine(settings.redis_url)
     return MemoryEngine()
 
 
-def create_app(settings: Settings, on_ready: Callable[[Node], None] | None = None) -> Starlette:
+def create_app(settings: Settings) -> Starlette:
     """The ASGI app. Its lifespan starts a `Node` and shares it as ``state.node``."""
 
     @contextlib.asynccontextmanager
@@ -38,8 +40,6 @@ def create_app(settings: Settings, on_ready: Callable[[Node], None] | None = Non
         node = Node(settings, make_engine(settings))
         await node.start()
         pinger = asyncio.create_task(keepalive(node))
-        if on_ready is not None:
-            on_ready(node)
         try:
             yield {"node": node}
         finally:
@@ -49,18 +49,45 @@ def create_app(settings: Settings, on_ready: Callable[[Node], None] | None = Non
     return Starlette(routes=routes, exception_handlers=error_handlers, lifespan=lifespan)
 
 
-def run(settings: Settings, log_config: dict[str, Any], on_ready: Callable[[Node], None]) -> None:
-    """Serve HTTP and WebSocket on one port until SIGTERM or SIGINT."""
-    config = uvicorn.Config(
-        create_app(settings, on_ready),
-        host=settings.host,
-        port=settings.port,
-        loop="uvloop",
-        http="httptools",
-        ws=Connection,
-        lifespan="on",
-        log_config=log_config,
-        access_log=False,
-        timeout_graceful_shutdown=10,
+def worker_app() -> Starlette:
+    """App factory for worker processes: settings come from the ``HERALD_*`` environment."""
+    settings = Settings.from_env()
+    configure(settings.log_format, settings.log_level)
+    return create_app(settings)
+
+
+def run(settings: Settings, log_config: dict[str, Any]) -> None:
+    """Serve HTTP and WebSocket on one port until SIGTERM or SIGINT.
+
+    With several workers, uvicorn binds the socket once and each worker process
+    accepts on it; the workers rebuild the settings from the environment.
+    """
+    common: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "loop": "uvloop",
+        "http": "httptools",
+        "lifespan": "on",
+        "log_config": log_config,
+        "access_log": False,
+        "timeout_graceful_shutdown": 10,
+    }
+    if settings.workers == 1:
+        config = uvicorn.Config(create_app(settings), ws=Connection, **common)
+        # After its graceful shutdown uvicorn re-raises the signal it caught, which
+        # would end the process "killed by SIGTERM"; the contract is exit 0.
+        signal.signal(signal.SIGTERM, _exit_cleanly)
+        uvicorn.Server(config).run()
+        return
+    os.environ.update(settings.to_env())
+    uvicorn.run(
+        "herald.app:worker_app",
+        factory=True,
+        workers=settings.workers,
+        ws="herald.transport:Connection",
+        **common,
     )
-    uvicorn.Server(config).run()
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)

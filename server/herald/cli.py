@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 
 from herald import __version__
+from herald.auth import new_key
 from herald.config import ConfigError, Settings
+from herald.errors import Unavailable
 from herald.logs import configure
-from herald.node import Node
 
 __all__ = ["main"]
 
@@ -29,25 +31,55 @@ def _parser() -> argparse.ArgumentParser:
         "--redis",
         dest="redis_url",
         metavar="URL",
-        help="Redis URL; without it the in-process memory engine is used",
+        help="Redis URL (HERALD_REDIS_URL); without it the in-process memory engine is used",
     )
     serve.add_argument("--log-format", choices=["text", "json"], help="log line format")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     return parser
 
 
-def _announce(settings: Settings, generated: bool) -> object:
-    def on_ready(node: Node) -> None:
-        print(
-            f"Herald {__version__} listening on http://{settings.host}:{settings.port}", flush=True
-        )
-        print(f"WebSocket endpoint: ws://{settings.host}:{settings.port}/v1/connect", flush=True)
-        if generated:
-            print(f"Admin key (app 'default', shown once): {node.admin_key}", flush=True)
-        else:
-            print("Admin key: taken from HERALD_ADMIN_KEY", flush=True)
+async def _bootstrap_redis(settings: Settings) -> str | None:
+    from herald.engines.redis import RedisEngine
+    from herald.node import ensure_bootstrap_key
 
-    return on_ready
+    engine = RedisEngine(settings.redis_url or "")
+    try:
+        return await ensure_bootstrap_key(engine, settings.admin_key)
+    finally:
+        await engine.close()
+
+
+def serve(settings: Settings) -> int:
+    """Run the server; print its URL and, when one was generated, the admin key."""
+    log_config = configure(settings.log_format, settings.log_level)
+    if settings.redis_url:
+        try:
+            generated = asyncio.run(_bootstrap_redis(settings))
+        except Unavailable as exc:
+            print(
+                f"herald: cannot reach Redis at {settings.redis_url}: {exc.detail}", file=sys.stderr
+            )
+            return 1
+    else:
+        generated = None if settings.admin_key else new_key()
+        settings = settings.replace(admin_key=settings.admin_key or generated)
+    engine = "redis" if settings.redis_url else "memory"
+    print(
+        f"Herald {__version__} listening on http://{settings.host}:{settings.port} "
+        f"({engine} engine, {settings.workers} worker{'s' if settings.workers > 1 else ''})",
+        flush=True,
+    )
+    print(f"WebSocket endpoint: ws://{settings.host}:{settings.port}/v1/connect", flush=True)
+    if generated:
+        print(f"Admin key (app 'default', shown once): {generated}", flush=True)
+    elif settings.redis_url and not settings.admin_key:
+        print("Admin key: the one shown at first start (stored hashed in Redis)", flush=True)
+    else:
+        print("Admin key: taken from HERALD_ADMIN_KEY", flush=True)
+    from herald.app import run  # imported late: `herald --help` stays fast
+
+    run(settings, log_config)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,9 +92,5 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"herald: {exc}", file=sys.stderr)
             return 2
-        log_config = configure(settings.log_format, settings.log_level)
-        from herald.app import run  # imported late: `herald --help` stays fast
-
-        on_ready = _announce(settings, generated=settings.admin_key is None)
-        run(settings, log_config, on_ready)  # type: ignore[arg-type]
+        return serve(settings)
     return 0

@@ -115,6 +115,18 @@ class Settings:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
 
+    def to_env(self) -> dict[str, str]:
+        """``HERALD_*`` variables that rebuild these settings (for worker processes)."""
+        env = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                value = "1" if value else "0"
+            env[f"HERALD_{field.name.upper()}"] = str(value)
+        return env
+
     def replace(self, **changes: Any) -> Settings:
         """A copy with some fields changed."""
         return dataclasses.replace(self, **changes)

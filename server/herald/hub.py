@@ -55,7 +55,8 @@ class Hub:
 
     def __init__(self) -> None:
         self._topics: dict[Topic, _Topic] = {}
-        self._dirty: list[Subscriber] = []
+        # A dict, not a list: scheduling the same subscriber twice still flushes it once.
+        self._dirty: dict[Subscriber, None] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def __len__(self) -> int:
@@ -121,9 +122,9 @@ class Hub:
             if self._loop is None:
                 self._loop = asyncio.get_running_loop()
             self._loop.call_soon(self._flush)
-        self._dirty.append(subscriber)
+        self._dirty[subscriber] = None
 
     def _flush(self) -> None:
-        dirty, self._dirty = self._dirty, []
+        dirty, self._dirty = self._dirty, {}
         for subscriber in dirty:
             subscriber.flush()

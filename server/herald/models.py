@@ -30,7 +30,8 @@ __all__ = [
 
 CHANNEL_TYPES = ("default", "separate_rooms")
 _NAME = re.compile(r"[A-Za-z0-9_.:\-]{1,128}")
-_OFFSET = re.compile(r"(\d{1,20})-(\d{1,20})")
+# [0-9], not \d: \d also matches non-ASCII digits, which no stream id contains.
+_OFFSET = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
 
 
 def check_name(value: object, path: str) -> str:

@@ -23,12 +23,38 @@ from herald.hub import Hub, Subscriber, frame_bytes
 from herald.models import Channel, KeyRecord, Message, Topic, parse_offset
 from herald.protocol import ConnectionState, Subscribe, Unsubscribe
 
-__all__ = ["BOOTSTRAP_APP", "Client", "Node"]
+__all__ = ["BOOTSTRAP_APP", "Client", "Node", "ensure_bootstrap_key", "install_bootstrap_key"]
 
 logger = logging.getLogger("herald.node")
 
 BOOTSTRAP_APP = "default"
 """The app that exists from first start; its admin key is the operator's."""
+
+
+BOOTSTRAP_KEY_ID = "bootstrap"
+
+
+async def install_bootstrap_key(engine: Engine, key: str) -> None:
+    """Make ``key`` the bootstrap app's admin key (replacing any earlier one)."""
+    await engine.add_key(
+        KeyRecord(id=BOOTSTRAP_KEY_ID, app=BOOTSTRAP_APP, scopes=("admin",), key_hash=hash_key(key))
+    )
+
+
+async def ensure_bootstrap_key(engine: Engine, key: str | None) -> str | None:
+    """Install ``key``, or generate one if the engine has no bootstrap key yet.
+
+    Returns the generated key (to be shown once), or ``None`` when nothing was
+    generated: a key was given, or one exists from an earlier start.
+    """
+    if key:
+        await install_bootstrap_key(engine, key)
+        return None
+    if await engine.find_key_by_id(BOOTSTRAP_KEY_ID) is not None:
+        return None
+    generated = new_key()
+    await install_bootstrap_key(engine, generated)
+    return generated
 
 
 class Client(Subscriber, Protocol):
@@ -48,7 +74,6 @@ class Node:
         self.engine = engine
         self.hub = Hub()
         self.name = f"{socket.gethostname()}:{os.getpid()}"
-        self.admin_key: str | None = None
         self._refs: dict[Topic, int] = defaultdict(int)
         self._engine_topics: set[Topic] = set()
         self._locks: dict[Topic, asyncio.Lock] = {}
@@ -56,13 +81,10 @@ class Node:
         """Open WebSocket connections of this worker (for keepalive and shutdown)."""
 
     async def start(self) -> None:
-        """Start the engine and make sure the bootstrap admin key exists."""
+        """Start the engine; install ``settings.admin_key`` as the bootstrap key if given."""
         await self.engine.start(self.hub.deliver)
-        key = self.settings.admin_key or new_key()
-        await self.engine.add_key(
-            KeyRecord(id="bootstrap", app=BOOTSTRAP_APP, scopes=("admin",), key_hash=hash_key(key))
-        )
-        self.admin_key = key
+        if self.settings.admin_key:
+            await install_bootstrap_key(self.engine, self.settings.admin_key)
 
     async def stop(self) -> None:
         """Release the engine."""
@@ -213,7 +235,7 @@ class Node:
         try:
             await self._acquire(topic)
             if request.since is not None:
-                recovery = await self.engine.recover(topic, request.since)
+                recovery = await self.engine.recover(topic, request.since, request.epoch)
                 replay, recovered, position = (
                     recovery.messages,
                     recovery.recovered,

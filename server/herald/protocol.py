@@ -144,6 +144,7 @@ class Subscribe:
     since: str | None
     subscriber_key: str | None
     persist: bool
+    epoch: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,7 +240,13 @@ def parse_request(frame: dict[str, Any]) -> Request:
         if not isinstance(persist, bool):
             raise ProtocolError("persist must be a boolean", path="persist")
         return Subscribe(
-            _request_id(frame), channel, room, since, _str(frame, "subscriber_key"), persist
+            _request_id(frame),
+            channel,
+            room,
+            since,
+            _str(frame, "subscriber_key"),
+            persist,
+            _str(frame, "epoch"),
         )
     if op == "unsubscribe":
         channel, room = _channel(frame)
@@ -255,7 +262,11 @@ def parse_request(frame: dict[str, Any]) -> Request:
     if op == "ping":
         return Ping(_request_id(frame, required=False))
     if op == "connect":
-        credentials = {n: _str(frame, n) for n in ("key", "token", "connection_key")}
+        try:
+            credentials = {n: _str(frame, n) for n in ("key", "token", "connection_key")}
+        except ProtocolError as exc:
+            # An empty or non-string credential is a wrong credential (4001), not a bad frame.
+            raise Unauthorized(exc.detail, path=exc.path) from None
         if sum(v is not None for v in credentials.values()) != 1:
             raise Unauthorized("connect needs exactly one of key, token, connection_key")
         return Connect(

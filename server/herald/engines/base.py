@@ -19,9 +19,18 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
-from herald.models import Channel, KeyRecord, Message, Recovery, StreamPosition, Topic
+from herald.models import (
+    Channel,
+    KeyRecord,
+    Message,
+    Recovery,
+    StreamPosition,
+    Topic,
+    offset_key,
+    parse_offset,
+)
 
-__all__ = ["Engine", "MessageHandler"]
+__all__ = ["Engine", "MessageHandler", "decide_recovery"]
 
 MessageHandler = Callable[[Message], None]
 """Called by the engine for every message on a subscribed topic. Must not block."""
@@ -74,8 +83,12 @@ class Engine(ABC):
         ``reverse``)."""
 
     @abstractmethod
-    async def recover(self, topic: Topic, since: str) -> Recovery:
-        """Every retained message after ``since`` and whether that is all that was missed."""
+    async def recover(self, topic: Topic, since: str, epoch: str | None = None) -> Recovery:
+        """Every retained message after ``since`` and whether that is all that was missed.
+
+        Messages and position are read in one atomic step. ``recovered`` follows
+        `decide_recovery`.
+        """
 
     @abstractmethod
     async def position(self, topic: Topic) -> StreamPosition:
@@ -99,8 +112,38 @@ class Engine(ABC):
 
     @abstractmethod
     async def add_key(self, key: KeyRecord) -> None:
-        """Store an app key record (hash only)."""
+        """Store an app key record (hash only); a record with the same id is replaced."""
 
     @abstractmethod
     async def find_key(self, key_hash: str) -> KeyRecord | None:
         """The key record with that hash, or ``None``."""
+
+    @abstractmethod
+    async def find_key_by_id(self, key_id: str) -> KeyRecord | None:
+        """The key record with that id, or ``None``."""
+
+
+def decide_recovery(
+    since: str,
+    epoch: str | None,
+    position: StreamPosition,
+    *,
+    dropped: str,
+    since_retained: bool,
+) -> bool:
+    """Whether the messages retained after ``since`` are all that were published after it.
+
+    ``dropped`` is the newest id trimmed or expired away ("0-0" if none). True
+    only when the epoch (if the client gave one) is current, ``since`` is not
+    ahead of the newest id nor behind the trim point, and ``since`` is either
+    still retained, exactly the trim point, or "0-0" with nothing ever dropped.
+    An unknown ``since`` inside the range is not trusted: after the history was
+    lost and rebuilt, old ids fall in the new range but were never in it.
+    """
+    if epoch is not None and epoch != position.epoch:
+        return False
+    key = parse_offset(since)
+    floor = offset_key(dropped)
+    if not floor <= key <= offset_key(position.offset):
+        return False
+    return since_retained or key == floor

@@ -12,7 +12,7 @@ from bisect import bisect_left, bisect_right
 from collections import deque
 from dataclasses import dataclass, field, replace
 
-from herald.engines.base import Engine, MessageHandler
+from herald.engines.base import Engine, MessageHandler, decide_recovery
 from herald.errors import Unavailable
 from herald.models import (
     Channel,
@@ -64,6 +64,7 @@ class MemoryEngine(Engine):
         self._subscribed: set[Topic] = set()
         self._channels: dict[tuple[str, str], Channel] = {}
         self._keys: dict[str, KeyRecord] = {}
+        self._key_ids: dict[str, str] = {}
 
     async def start(self, on_message: MessageHandler) -> None:
         """Remember the handler; nothing to connect to."""
@@ -139,14 +140,20 @@ class MemoryEngine(Engine):
             return [stream.messages[i] for i in range(hi - 1, start - 1, -1)]
         return [stream.messages[i] for i in range(lo, min(hi, lo + limit))]
 
-    async def recover(self, topic: Topic, since: str) -> Recovery:
-        """Recovered when nothing after ``since`` was dropped and ``since`` is not ahead."""
+    async def recover(self, topic: Topic, since: str, epoch: str | None = None) -> Recovery:
+        """Everything retained after ``since``; ``recovered`` as `decide_recovery` says."""
         stream = self._stream(topic)
         key = parse_offset(since)
         position = StreamPosition(f"{stream.last[0]}-{stream.last[1]}", stream.epoch)
-        recovered = stream.dropped <= key <= stream.last
-        lo = bisect_right(stream.keys, key)
+        lo = bisect_left(stream.keys, key)
+        retained = lo < len(stream.keys) and stream.keys[lo] == key
+        if retained:
+            lo += 1
         messages = [stream.messages[i] for i in range(lo, len(stream.messages))]
+        dropped = f"{stream.dropped[0]}-{stream.dropped[1]}"
+        recovered = decide_recovery(
+            since, epoch, position, dropped=dropped, since_retained=retained
+        )
         return Recovery(messages, recovered, position)
 
     async def position(self, topic: Topic) -> StreamPosition:
@@ -182,9 +189,18 @@ class MemoryEngine(Engine):
         return [Channel.from_record(self._channels[(app, n)].to_record()) for n in names[:limit]]
 
     async def add_key(self, key: KeyRecord) -> None:
-        """Index by hash."""
+        """Index by hash, replacing a record with the same id."""
+        old = self._key_ids.get(key.id)
+        if old is not None:
+            self._keys.pop(old, None)
         self._keys[key.key_hash] = key
+        self._key_ids[key.id] = key.key_hash
 
     async def find_key(self, key_hash: str) -> KeyRecord | None:
         """Look up by hash."""
         return self._keys.get(key_hash)
+
+    async def find_key_by_id(self, key_id: str) -> KeyRecord | None:
+        """Look up by id."""
+        key_hash = self._key_ids.get(key_id)
+        return None if key_hash is None else self._keys.get(key_hash)

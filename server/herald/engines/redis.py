@@ -1,0 +1,476 @@
+"""The Redis engine: many workers and nodes share one Redis.
+
+Layout (``T`` is the topic tag ``{app|channel|room}``, a Redis Cluster hash tag,
+so a topic's keys and its pub/sub channel live on one shard):
+
+- ``herald:T:s``  the history stream (XADD MAXLEN history_size)
+- ``herald:T:m``  hash: ``epoch`` of this incarnation of the stream, ``dropped``
+  (the newest id trimmed away)
+- ``herald:T``    the pub/sub channel; each message is ``<id> <body>``
+- ``herald:{app}:ch:<name>`` channel record (JSON), ``herald:{app}:chs`` zset of
+  names, ``herald:{app}:chn`` hash of message counts
+- ``herald:key:<sha256>`` key record (JSON), ``herald:keyids`` hash id → hash
+
+Publishing is one Lua script: trim bookkeeping, XADD, PUBLISH of the same
+body, so the id exists before anyone receives the message. Pub/sub runs on
+a connection of its own with no silent retries: when it drops, the engine
+reconnects with backoff, resubscribes every wanted topic and replays from the
+streams whatever was published meanwhile, so connected clients miss nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+from dataclasses import dataclass, replace
+from typing import Any
+
+import msgpack
+import orjson
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from herald.engines.base import Engine, MessageHandler, decide_recovery
+from herald.errors import Unavailable
+from herald.models import (
+    Channel,
+    KeyRecord,
+    Message,
+    Recovery,
+    StreamPosition,
+    Topic,
+    now_rfc3339,
+    offset_key,
+)
+
+__all__ = ["RedisEngine"]
+
+logger = logging.getLogger("herald.redis")
+
+_PUBLISH = """
+local maxlen = tonumber(ARGV[1])
+local len = redis.call('XLEN', KEYS[1])
+if len == 0 then
+  -- The stream expired (history_ttl) or was lost: everything up to the last id is gone.
+  local last = redis.call('HGET', KEYS[2], 'last')
+  if last then redis.call('HSET', KEYS[2], 'dropped', last) end
+elseif len >= maxlen then
+  local old = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', len - maxlen + 1)
+  redis.call('HSET', KEYS[2], 'dropped', old[#old][1])
+end
+local id = redis.call('XADD', KEYS[1], 'MAXLEN', maxlen, '*', 'm', ARGV[2])
+redis.call('HSET', KEYS[2], 'last', id)
+redis.call('HSETNX', KEYS[2], 'epoch', ARGV[3])
+local ttl = tonumber(ARGV[4])
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl + tonumber(ARGV[6]))
+end
+redis.call('PUBLISH', ARGV[5], id .. ' ' .. ARGV[2])
+return id
+"""
+
+# Reads everything recovery needs in one atomic step: epoch, trim point, newest id and
+# the entries from `since` on (inclusive, so the caller can tell whether `since` exists).
+_RECOVER = """
+redis.call('HSETNX', KEYS[2], 'epoch', ARGV[2])
+local meta = redis.call('HMGET', KEYS[2], 'epoch', 'dropped', 'last')
+local dropped = meta[2] or '0-0'
+local last = meta[3] or '0-0'
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #newest > 0 then
+  last = newest[1][1]
+elseif meta[3] then
+  dropped = meta[3]
+end
+local entries = {}
+if ARGV[1] ~= '' then entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+') end
+return {meta[1], dropped, last, entries}
+"""
+
+# The per-topic hash (epoch, trim point) outlives an expiring stream by this long, so
+# that a client coming back within it is told its history expired.
+_META_GRACE = 7 * 86400
+_BACKOFF_MAX = 5.0
+_CLOSE_TIMEOUT = 2.0
+_CONTROL = b"herald:control"
+
+
+def _tag(topic: Topic) -> str:
+    return f"herald:{{{topic.app}|{topic.channel}|{topic.room}}}"
+
+
+def _body(message: Message) -> bytes:
+    packed: bytes = msgpack.packb(
+        (
+            message.app,
+            message.channel,
+            message.room,
+            message.payload,
+            message.author,
+            message.created_at,
+            message.metadata,
+            message.audience,
+        ),
+        use_bin_type=True,
+    )
+    return packed
+
+
+def _message(message_id: str, body: bytes) -> Message:
+    app, channel, room, payload, author, created_at, metadata, audience = msgpack.unpackb(
+        body, raw=False
+    )
+    return Message(message_id, app, channel, room, payload, author, created_at, metadata, audience)
+
+
+def _entries(raw: list[Any]) -> list[Message]:
+    return [
+        _message(entry_id.decode(), fields[b"m"] if isinstance(fields, dict) else fields[1])
+        for entry_id, fields in raw
+    ]
+
+
+@dataclass(slots=True)
+class _Subscription:
+    """A topic this worker listens to: the newest id delivered, and a buffer while catching up."""
+
+    topic: Topic
+    last: tuple[int, int] = (0, 0)
+    catching_up: list[Message] | None = None
+
+
+class RedisEngine(Engine):
+    """Engine backed by one Redis server (Redis >= 7)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.redis: Redis = Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+        self._publish_script = self.redis.register_script(_PUBLISH)
+        self._recover_script = self.redis.register_script(_RECOVER)
+        self._on_message: MessageHandler | None = None
+        self._subs: dict[bytes, _Subscription] = {}
+        self._pubsub: PubSub | None = None
+        self._listener: asyncio.Task[None] | None = None
+        self._pubsub_client: Redis | None = None
+        self._connected = asyncio.Event()
+        self._closed = False
+
+    # Lifecycle
+
+    async def start(self, on_message: MessageHandler) -> None:
+        """Connect the pub/sub link, then keep it up (reconnecting) in the background.
+
+        If Redis cannot be reached now, the worker still starts: it answers 503
+        and reports not ready until the background reconnect succeeds.
+        """
+        self._on_message = on_message
+        try:
+            await self._connect_pubsub()
+        except Exception as exc:
+            logger.warning("Redis is not reachable at start: %s", exc)
+            await self._drop_pubsub()
+        self._listener = asyncio.create_task(self._listen())
+
+    async def close(self) -> None:
+        """Stop listening and close both connections (bounded: never hangs a shutdown)."""
+        self._closed = True
+        self._on_message = None
+        if self._listener is not None:
+            self._listener.cancel()
+            # wait(), not await: the listener's own end (cancelled) must not look like ours.
+            await asyncio.wait([self._listener], timeout=_CLOSE_TIMEOUT)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_CLOSE_TIMEOUT):
+                await self._drop_pubsub()
+                await self.redis.aclose()
+
+    async def ping(self) -> None:
+        """Ready when commands and the pub/sub link both work."""
+        if not self._connected.is_set():
+            raise Unavailable("the pub/sub link to Redis is down")
+        async with self._guard():
+            await self.redis.ping()
+
+    @contextlib.asynccontextmanager
+    async def _guard(self) -> Any:
+        try:
+            yield
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"Redis is unavailable: {type(exc).__name__}") from None
+
+    # Messages
+
+    async def publish(self, channel: Channel, message: Message) -> Message:
+        """One script: trim bookkeeping, XADD and PUBLISH; then count the message."""
+        message = replace(message, created_at=now_rfc3339())
+        body = _body(message)
+        tag = _tag(message.topic)
+        async with self._guard(), self.redis.pipeline(transaction=False) as pipe:
+            await self._publish_script(
+                keys=[f"{tag}:s", f"{tag}:m"],
+                args=[
+                    channel.history_size,
+                    body,
+                    secrets.token_hex(4),
+                    channel.history_ttl or 0,
+                    tag,
+                    _META_GRACE,
+                ],
+                client=pipe,
+            )
+            pipe.hincrby(f"herald:{{{channel.app}}}:chn", channel.name, 1)
+            raw, _ = await pipe.execute()
+        return replace(message, id=raw.decode())
+
+    async def subscribe(self, topic: Topic) -> None:
+        """SUBSCRIBE on the pub/sub link (or, while it is down, when it comes back)."""
+        tag = _tag(topic).encode()
+        if tag in self._subs:
+            return
+        sub = self._subs[tag] = _Subscription(topic)
+        try:
+            async with self._guard():
+                if self._pubsub is not None:
+                    await self._pubsub.subscribe(tag)
+                # Only what comes after this point is new to this worker's subscribers;
+                # a replay after a reconnect starts from here.
+                position = await self.position(topic)
+        except BaseException:
+            self._subs.pop(tag, None)
+            raise
+        sub.last = max(sub.last, offset_key(position.offset))
+
+    async def unsubscribe(self, topic: Topic) -> None:
+        """UNSUBSCRIBE; the listener drops anything still in flight for it."""
+        tag = _tag(topic).encode()
+        if self._subs.pop(tag, None) is None:
+            return
+        if self._pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.unsubscribe(tag)
+
+    async def history(
+        self,
+        topic: Topic,
+        *,
+        since: str | None = None,
+        until: str | None = None,
+        limit: int = 100,
+        reverse: bool = False,
+    ) -> list[Message]:
+        """XRANGE / XREVRANGE with exclusive bounds."""
+        if limit <= 0:
+            return []
+        key = f"{_tag(topic)}:s"
+        low = f"({since}" if since is not None else "-"
+        high = f"({until}" if until is not None else "+"
+        raw: Any
+        async with self._guard():
+            if reverse:
+                raw = await self.redis.xrevrange(key, high, low, count=limit)
+            else:
+                raw = await self.redis.xrange(key, low, high, count=limit)
+        return _entries(raw)
+
+    async def recover(self, topic: Topic, since: str, epoch: str | None = None) -> Recovery:
+        """One script reads the epoch, trim point, newest id and the entries after ``since``."""
+        tag = _tag(topic)
+        async with self._guard():
+            current, dropped, last, raw = await self._recover_script(
+                keys=[f"{tag}:s", f"{tag}:m"], args=[since, secrets.token_hex(4)]
+            )
+        entries = _entries(raw)
+        since_retained = bool(entries) and entries[0].id == since
+        if since_retained:
+            entries = entries[1:]
+        position = StreamPosition(last.decode(), current.decode())
+        recovered = decide_recovery(
+            since, epoch, position, dropped=dropped.decode(), since_retained=since_retained
+        )
+        return Recovery(entries, recovered, position)
+
+    async def position(self, topic: Topic) -> StreamPosition:
+        """The newest id and the epoch (created here if the topic has none yet)."""
+        tag = _tag(topic)
+        async with self._guard():
+            current, _, last, _ = await self._recover_script(
+                keys=[f"{tag}:s", f"{tag}:m"], args=["", secrets.token_hex(4)]
+            )
+        return StreamPosition(last.decode(), current.decode())
+
+    # Pub/sub listener
+
+    async def _listen(self) -> None:
+        backoff = 0.05
+        while not self._closed:
+            try:
+                if self._pubsub is None:
+                    await self._connect_pubsub()
+                backoff = 0.05
+                assert self._pubsub is not None
+                while True:
+                    raw = await self._pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=None
+                    )
+                    if raw is not None and raw["type"] == "message":
+                        self._dispatch(raw["channel"], raw["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # any failure of the link: reconnect from scratch
+                if self._connected.is_set():
+                    logger.warning("pub/sub link to Redis lost: %s", exc)
+                self._connected.clear()
+                await self._drop_pubsub()
+                await asyncio.sleep(backoff * (0.5 + random.random()))
+                backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    async def _connect_pubsub(self) -> None:
+        client = Redis.from_url(
+            self.url,
+            socket_connect_timeout=2,
+            retry=Retry(NoBackoff(), 0),
+            health_check_interval=0,
+        )
+        self._pubsub_client = client
+        await client.ping()
+        pubsub = client.pubsub()
+        # Always subscribed to the control channel, so the link exists even with no topics.
+        await pubsub.subscribe(_CONTROL)
+        # Set first: a subscribe() from now on goes straight to the new link.
+        self._pubsub = pubsub
+        done: set[bytes] = set()
+        while batch := [tag for tag in self._subs if tag not in done]:
+            for tag in batch:
+                self._subs[tag].catching_up = []
+            await pubsub.subscribe(*batch)
+            done.update(batch)
+        # Anything published while the link was down is in the streams: replay it.
+        for tag in done:
+            sub = self._subs.get(tag)
+            if sub is not None:
+                await self._catch_up(sub)
+        self._connected.set()
+        logger.info("pub/sub link to Redis up (%d topics)", len(done))
+
+    async def _catch_up(self, sub: _Subscription) -> None:
+        since = f"{sub.last[0]}-{sub.last[1]}"
+        missed = await self.history(sub.topic, since=since, limit=1_000_000)
+        buffered, sub.catching_up = sub.catching_up or [], None
+        for message in missed + buffered:
+            self._deliver(sub, message)
+
+    async def _drop_pubsub(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+        client, self._pubsub_client = self._pubsub_client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    def _dispatch(self, channel: bytes, data: bytes) -> None:
+        sub = self._subs.get(channel)
+        if sub is None:
+            return
+        message_id, _, body = data.partition(b" ")
+        message = _message(message_id.decode(), body)
+        if sub.catching_up is not None:
+            sub.catching_up.append(message)
+        else:
+            self._deliver(sub, message)
+
+    def _deliver(self, sub: _Subscription, message: Message) -> None:
+        key = offset_key(message.id)
+        if key <= sub.last:
+            return  # already delivered (a replay overlapping the live stream)
+        sub.last = key
+        if self._on_message is not None:
+            self._on_message(message)
+
+    # Records
+
+    async def create_channel(self, channel: Channel) -> bool:
+        """SET NX the record, then index the name."""
+        app = channel.app
+        async with self._guard():
+            created = await self.redis.set(
+                f"herald:{{{app}}}:ch:{channel.name}", orjson.dumps(channel.to_record()), nx=True
+            )
+            if not created:
+                return False
+            await self.redis.zadd(f"herald:{{{app}}}:chs", {channel.name: 0})
+        return True
+
+    async def get_channel(self, app: str, name: str) -> Channel | None:
+        """The record and its message count in one round trip."""
+        async with self._guard(), self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(f"herald:{{{app}}}:ch:{name}")
+            pipe.hget(f"herald:{{{app}}}:chn", name)
+            raw, count = await pipe.execute()
+        if raw is None:
+            return None
+        channel = Channel.from_record(orjson.loads(raw))
+        channel.messages = int(count or 0)
+        return channel
+
+    async def save_channel(self, channel: Channel) -> None:
+        """Overwrite the record (the count lives apart, so it is kept)."""
+        async with self._guard():
+            await self.redis.set(
+                f"herald:{{{channel.app}}}:ch:{channel.name}", orjson.dumps(channel.to_record())
+            )
+
+    async def list_channels(self, app: str, *, after: str | None, limit: int) -> list[Channel]:
+        """ZRANGEBYLEX over the name index, then the records."""
+        low = f"({after}" if after is not None else "-"
+        async with self._guard():
+            names: list[Any] = await self.redis.zrangebylex(
+                f"herald:{{{app}}}:chs", low, "+", 0, limit
+            )
+        channels = []
+        for name in names:
+            channel = await self.get_channel(app, name.decode())
+            if channel is not None:
+                channels.append(channel)
+        return channels
+
+    async def add_key(self, key: KeyRecord) -> None:
+        """Store by hash; a record with the same id is replaced."""
+        record = {
+            "id": key.id,
+            "app": key.app,
+            "scopes": list(key.scopes),
+            "key_hash": key.key_hash,
+            "name": key.name,
+            "created_at": key.created_at,
+        }
+        async with self._guard():
+            old: Any = await self.redis.hget("herald:keyids", key.id)
+            if old is not None and old.decode() != key.key_hash:
+                await self.redis.delete(f"herald:key:{old.decode()}")
+            await self.redis.set(f"herald:key:{key.key_hash}", orjson.dumps(record))
+            await self.redis.hset("herald:keyids", key.id, key.key_hash)
+
+    async def find_key(self, key_hash: str) -> KeyRecord | None:
+        """GET by hash."""
+        async with self._guard():
+            raw = await self.redis.get(f"herald:key:{key_hash}")
+        if raw is None:
+            return None
+        record = orjson.loads(raw)
+        record["scopes"] = tuple(record["scopes"])
+        return KeyRecord(**record)
+
+    async def find_key_by_id(self, key_id: str) -> KeyRecord | None:
+        """Follow the id index to the record."""
+        async with self._guard():
+            key_hash: Any = await self.redis.hget("herald:keyids", key_id)
+        return None if key_hash is None else await self.find_key(key_hash.decode())

@@ -1,0 +1,1 @@
+"""Unit tests of the pure modules: plain values and bytes, no sockets."""
