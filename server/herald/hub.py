@@ -58,6 +58,7 @@ class Hub:
         # A dict, not a list: scheduling the same subscriber twice still flushes it once.
         self._dirty: dict[Subscriber, None] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._next_flush = 0.0
 
     def __len__(self) -> int:
         return len(self._topics)
@@ -117,14 +118,30 @@ class Hub:
                 subscriber.push(frame)
 
     def schedule_flush(self, subscriber: Subscriber) -> None:
-        """Have ``subscriber.flush()`` called once, at the end of this loop iteration."""
+        """Have ``subscriber.flush()`` called once, at the next flush of the hub.
+
+        Flushes run at the end of the loop iteration, unless the previous one
+        was long: then the loop first gets as much time again for other work
+        (reading Redis, handling publishes). A heavy fan-out so takes at most
+        about half of the worker, and each write carries more frames.
+        """
         if not self._dirty:
-            if self._loop is None:
-                self._loop = asyncio.get_running_loop()
-            self._loop.call_soon(self._flush)
+            loop = self._loop
+            if loop is None:
+                loop = self._loop = asyncio.get_running_loop()
+            delay = self._next_flush - loop.time()
+            if delay > 0:
+                loop.call_later(delay, self._flush)
+            else:
+                loop.call_soon(self._flush)
         self._dirty[subscriber] = None
 
     def _flush(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        started = loop.time()
         dirty, self._dirty = self._dirty, {}
         for subscriber in dirty:
             subscriber.flush()
+        finished = loop.time()
+        self._next_flush = finished + (finished - started)
