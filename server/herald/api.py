@@ -22,6 +22,7 @@ __all__ = ["error_handlers", "routes"]
 MSGPACK = "application/msgpack"
 _MAX_PAGE = 200
 _MAX_HISTORY = 1000
+_MAX_BATCH = 1000
 
 
 def _node(request: Request) -> Node:
@@ -189,23 +190,31 @@ async def publish(request: Request) -> Response:
     body = await read_body(request)
     if not isinstance(body, dict):
         raise BadRequest("the body must be an object")
-    if "payload" not in body:
-        raise BadRequest("payload is required", path="payload")
-    unknown = sorted(set(body) - {"payload", "room", "metadata", "audience"})
-    if unknown:
-        raise BadRequest(f"unknown field {unknown[0]!r}", path=unknown[0])
-    if body.get("audience") is not None:
-        raise BadRequest(
-            "audience targets devices, which this version does not have yet", path="audience"
-        )
-    message = await _node(request).publish(
-        principal,
-        request.path_params["name"],
-        payload=body["payload"],
-        room=body.get("room"),
-        metadata=body.get("metadata"),
-    )
+    if "channel" in body:
+        raise BadRequest("unknown field 'channel': the channel is in the path", path="channel")
+    item = {**body, "channel": request.path_params["name"]}
+    message = await _node(request).publish_item(principal, item)
     return respond(request, message.to_api(), 201)
+
+
+async def publish_batch(request: Request) -> Response:
+    """``POST /v1/publish``: a list of publishes; one ``{status, data | error}`` per item."""
+    principal = await authenticate(request)
+    body = await read_body(request)
+    if not isinstance(body, list):
+        raise BadRequest("the body must be a list of publishes")
+    if len(body) > _MAX_BATCH:
+        raise PayloadTooLarge(f"a batch holds at most {_MAX_BATCH} publishes")
+    results = await _node(request).publish_many(principal, body)
+    return respond(
+        request,
+        [
+            {"status": r.status, "error": r.to_dict()}
+            if isinstance(r, HeraldError)
+            else {"status": 201, "data": r.to_api()}
+            for r in results
+        ],
+    )
 
 
 async def history(request: Request) -> Response:
@@ -253,6 +262,7 @@ routes = [
     Route("/v1/channels", list_channels, methods=["GET"]),
     Route("/v1/channels/{name}", get_channel, methods=["GET"]),
     Route("/v1/channels/{name}/publish", publish, methods=["POST"]),
+    Route("/v1/publish", publish_batch, methods=["POST"]),
     Route("/v1/channels/{name}/history", history, methods=["GET"]),
     Route("/v1/channels/{name}/messages/{id}", get_message, methods=["GET"]),
 ]

@@ -15,12 +15,13 @@ from collections import defaultdict
 from typing import Any, Protocol
 
 from herald.auth import Principal, hash_key, new_key, principal_for_key, require_scope
+from herald.cache import ChannelCache
 from herald.channels import parse_metadata, payload_size
 from herald.config import Settings
 from herald.engines.base import Engine
-from herald.errors import BadRequest, Conflict, Gone, NotFound, PayloadTooLarge
+from herald.errors import BadRequest, Conflict, Gone, HeraldError, NotFound, PayloadTooLarge
 from herald.hub import Hub, Subscriber, frame_bytes
-from herald.models import Channel, KeyRecord, Message, Topic, parse_offset
+from herald.models import Channel, KeyRecord, Message, Topic, check_name, parse_offset
 from herald.protocol import ConnectionState, Subscribe, Unsubscribe
 
 __all__ = ["BOOTSTRAP_APP", "Client", "Node", "ensure_bootstrap_key", "install_bootstrap_key"]
@@ -32,6 +33,7 @@ BOOTSTRAP_APP = "default"
 
 
 BOOTSTRAP_KEY_ID = "bootstrap"
+_ITEM_FIELDS = {"channel", "payload", "room", "metadata", "audience"}
 
 
 async def install_bootstrap_key(engine: Engine, key: str) -> None:
@@ -77,6 +79,7 @@ class Node:
         self._refs: dict[Topic, int] = defaultdict(int)
         self._engine_topics: set[Topic] = set()
         self._locks: dict[Topic, asyncio.Lock] = {}
+        self._channels = ChannelCache(engine.get_channel)
         self.clients: set[Any] = set()
         """Open WebSocket connections of this worker (for keepalive and shutdown)."""
 
@@ -159,7 +162,9 @@ class Node:
     ) -> Message:
         """Validate, store in history and hand to the broker. Never waits for subscribers."""
         require_scope(principal, "publish")
-        channel = await self.channel(principal, name)
+        channel = await self._channels.get(principal.app, name)
+        if channel is None:
+            raise NotFound("Not found")
         if channel.is_inactive:
             raise Gone(f"channel {name!r} is closed")
         room_name = channel.check_room(room)
@@ -178,6 +183,45 @@ class Node:
             metadata=parse_metadata(metadata, self.settings),
         )
         return await self.engine.publish(channel, message)
+
+    async def publish_many(
+        self, principal: Principal, items: list[Any]
+    ) -> list[Message | HeraldError]:
+        """Publish each item (``{channel, payload, room?, metadata?}``); one result per item.
+
+        All items are started at once, in order: publishes to one topic keep the
+        order of the list, and with Redis they share pipelines. A failing item
+        does not stop the others.
+        """
+        require_scope(principal, "publish")
+        tasks = [asyncio.ensure_future(self.publish_item(principal, item)) for item in items]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, HeraldError):
+                raise result
+        return results  # type: ignore[return-value]  # only messages and HeraldErrors remain
+
+    async def publish_item(self, principal: Principal, item: Any) -> Message:
+        """Validate one publish request object and publish it."""
+        if not isinstance(item, dict):
+            raise BadRequest("each item must be an object")
+        unknown = sorted(set(item) - _ITEM_FIELDS)
+        if unknown:
+            raise BadRequest(f"unknown field {unknown[0]!r}", path=unknown[0])
+        if "payload" not in item:
+            raise BadRequest("payload is required", path="payload")
+        if item.get("audience") is not None:
+            raise BadRequest(
+                "audience targets devices, which this version does not have yet", path="audience"
+            )
+        channel = check_name(item.get("channel"), "channel")
+        return await self.publish(
+            principal,
+            channel,
+            payload=item["payload"],
+            room=item.get("room"),
+            metadata=item.get("metadata"),
+        )
 
     async def history(
         self,

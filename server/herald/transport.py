@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import logging
 from collections import deque
+from functools import partial
 from typing import Any, cast
 
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
@@ -24,6 +25,7 @@ from websockets.typing import Subprotocol
 
 from herald.auth import Principal
 from herald.errors import CloseCode, HeraldError, Unauthorized
+from herald.models import Message
 from herald.node import Node
 from herald.protocol import (
     SUBPROTOCOLS,
@@ -48,6 +50,7 @@ CONNECT_PATH = "/v1/connect"
 _CLOSE_GRACE = 2.0  # seconds to wait for the peer's close frame before dropping the TCP link
 _INBOX_HIGH = 64  # frames queued before we stop reading from the socket
 _INBOX_LOW = 16
+_MAX_PUBLISHING = 256  # publishes one connection may have in flight
 _ids = itertools.count(1)
 
 
@@ -98,6 +101,7 @@ class Connection(asyncio.Protocol):
         self._worker: asyncio.Task[None] | None = None
         self._paused = False
         self._timer: asyncio.TimerHandle | None = None
+        self._publishing: set[asyncio.Task[Message]] = set()
 
     # asyncio.Protocol
 
@@ -219,15 +223,7 @@ class Connection(asyncio.Protocol):
                 assert self.principal is not None
                 await self.node.unsubscribe(self, self.principal, request)
             elif isinstance(request, Publish):
-                assert self.principal is not None
-                message = await self.node.publish(
-                    self.principal,
-                    request.channel,
-                    payload=request.payload,
-                    room=request.room,
-                    metadata=request.metadata,
-                )
-                self.send({"op": "published", "id": request.id, "message_id": message.id})
+                await self._publish(request)
             elif isinstance(request, Ping):
                 frame: dict[str, Any] = {"op": "pong"}
                 if request.id is not None:
@@ -249,6 +245,48 @@ class Connection(asyncio.Protocol):
                 {
                     "op": "error",
                     "id": state.request_id,
+                    "code": "internal_error",
+                    "detail": "internal error",
+                }
+            )
+
+    async def _publish(self, request: Publish) -> None:
+        """Start a publish and go on reading: its answer is sent when it completes.
+
+        Publishes are started in the order they arrive and the engine keeps
+        that order, so a client may pipeline them; at most ``_MAX_PUBLISHING``
+        are in flight per connection.
+        """
+        assert self.principal is not None
+        while len(self._publishing) >= _MAX_PUBLISHING:
+            await asyncio.wait(self._publishing, return_when=asyncio.FIRST_COMPLETED)
+        task = self.loop.create_task(
+            self.node.publish(
+                self.principal,
+                request.channel,
+                payload=request.payload,
+                room=request.room,
+                metadata=request.metadata,
+            )
+        )
+        self._publishing.add(task)
+        task.add_done_callback(partial(self._published, request.id))
+
+    def _published(self, request_id: object, task: asyncio.Task[Message]) -> None:
+        self._publishing.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is None:
+            self.send({"op": "published", "id": request_id, "message_id": task.result().id})
+        elif isinstance(error, HeraldError):
+            self.send(error_frame(error, request_id))
+        else:
+            logger.error("publish failed on %s", self.client_id, exc_info=error)
+            self.send(
+                {
+                    "op": "error",
+                    "id": request_id,
                     "code": "internal_error",
                     "detail": "internal error",
                 }

@@ -144,6 +144,23 @@ async def test_delivery_only_while_subscribed_in_order(
     assert ids(await settled(engine, inbox, app)) == ids(published)
 
 
+async def test_concurrent_publishes_keep_the_order_they_were_started_in(
+    engine: Engine, inbox: Inbox, app: str
+) -> None:
+    # Publishes started together (as a batch publish or a pipelining client does)
+    # must get ids, history and delivery in the order they were started.
+    channel = make_channel(app, history_size=1000)
+    topic = channel.topic()
+    await engine.subscribe(topic)
+    published = await asyncio.gather(
+        *(engine.publish(channel, draft(topic, {"n": n})) for n in range(300))
+    )
+    assert [m.payload for m in published] == [{"n": n} for n in range(300)]
+    assert sorted(ids(published), key=offset_key) == ids(published)
+    assert ids(await engine.history(topic, limit=1000)) == ids(published)
+    assert ids(await inbox.wait_for(300)) == ids(published)
+
+
 async def test_delivered_message_equals_published(engine: Engine, inbox: Inbox, app: str) -> None:
     channel = make_channel(app)
     await engine.subscribe(channel.topic())

@@ -340,3 +340,24 @@ async def test_subscribing_twice_is_a_conflict(
         # Still subscribed once: one copy of each message.
         assert await client.message_ids(1) == [message_id]
         await client.assert_idle()
+
+
+async def test_pipelined_publishes_keep_their_order(
+    server: ServerProcess, api: Api, channel_name: str
+) -> None:
+    # A client may send many publish frames without waiting for the answers: each
+    # gets its `published`, and the channel keeps them in the order they were sent.
+    await api.create_channel(channel_name, history_size=1000)
+    async with open_client(server) as publisher, open_client(server) as listener:
+        await listener.subscribe(channel_name)
+        for n in range(300):
+            await publisher.send(
+                {"op": "publish", "id": n, "channel": channel_name, "payload": {"n": n}}
+            )
+        answers = [await publisher.recv() for _ in range(300)]
+        assert all(answer["op"] == "published" for answer in answers), answers[:3]
+        assert sorted(answer["id"] for answer in answers) == list(range(300))
+        by_request = {answer["id"]: answer["message_id"] for answer in answers}
+        expected = [by_request[n] for n in range(300)]
+        assert await listener.message_ids(300) == expected
+        assert await api.history_ids(channel_name) == expected

@@ -37,6 +37,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from herald.engines.base import Engine, MessageHandler, decide_recovery
+from herald.engines.redis_batch import PublishBatcher
 from herald.errors import Unavailable
 from herald.models import (
     Channel,
@@ -152,7 +153,7 @@ class RedisEngine(Engine):
     def __init__(self, url: str) -> None:
         self.url = url
         self.redis: Redis = Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
-        self._publish_script = self.redis.register_script(_PUBLISH)
+        self._batcher = PublishBatcher(self.redis, _PUBLISH)
         self._recover_script = self.redis.register_script(_RECOVER)
         self._on_message: MessageHandler | None = None
         self._subs: dict[bytes, _Subscription] = {}
@@ -208,26 +209,26 @@ class RedisEngine(Engine):
     # Messages
 
     async def publish(self, channel: Channel, message: Message) -> Message:
-        """One script: trim bookkeeping, XADD and PUBLISH; then count the message."""
+        """The publish script (trim bookkeeping, XADD, PUBLISH), pipelined with others.
+
+        Queued synchronously, before the first await: publishes started in some
+        order reach Redis in that order.
+        """
         message = replace(message, created_at=now_rfc3339())
-        body = _body(message)
         tag = _tag(message.topic)
-        async with self._guard(), self.redis.pipeline(transaction=False) as pipe:
-            await self._publish_script(
-                keys=[f"{tag}:s", f"{tag}:m"],
-                args=[
-                    channel.history_size,
-                    body,
-                    secrets.token_hex(4),
-                    channel.history_ttl or 0,
-                    tag,
-                    _META_GRACE,
-                ],
-                client=pipe,
-            )
-            pipe.hincrby(f"herald:{{{channel.app}}}:chn", channel.name, 1)
-            raw, _ = await pipe.execute()
-        return replace(message, id=raw.decode())
+        future = self._batcher.submit(
+            (f"{tag}:s", f"{tag}:m"),
+            (
+                channel.history_size,
+                _body(message),
+                secrets.token_hex(4),
+                channel.history_ttl or 0,
+                tag,
+                _META_GRACE,
+            ),
+            (f"herald:{{{channel.app}}}:chn", channel.name),
+        )
+        return replace(message, id=await future)
 
     async def subscribe(self, topic: Topic) -> None:
         """SUBSCRIBE on the pub/sub link (or, while it is down, when it comes back)."""

@@ -1,0 +1,62 @@
+"""A short-lived cache of channel records for the publish path.
+
+Publishing needs the channel's settings (type, history size, closed or not)
+for every message; reading them from Redis each time would double the round
+trips of a publish. Records are kept for ``ttl`` seconds; concurrent misses
+for one channel share one read (single flight), which also keeps publishes
+that wait on it in their original order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+from herald.models import Channel
+
+__all__ = ["ChannelCache"]
+
+Loader = Callable[[str, str], Awaitable[Channel | None]]
+
+
+class ChannelCache:
+    """(app, name) → channel record, for at most ``ttl`` seconds. Misses are not cached."""
+
+    def __init__(self, load: Loader, ttl: float = 1.0, max_entries: int = 100_000) -> None:
+        self._load = load
+        self._ttl = ttl
+        self._max_entries = max_entries
+        self._entries: dict[tuple[str, str], tuple[float, Channel]] = {}
+        self._loading: dict[tuple[str, str], asyncio.Future[Channel | None]] = {}
+
+    async def get(self, app: str, name: str) -> Channel | None:
+        """The channel record, from the cache when fresh. Treat it as read-only."""
+        key = (app, name)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0] > time.monotonic():
+            return entry[1]
+        pending = self._loading.get(key)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[Channel | None] = asyncio.get_running_loop().create_future()
+        self._loading[key] = future
+        try:
+            channel = await self._load(app, name)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters get it; no "never retrieved" warning
+            raise
+        else:
+            future.set_result(channel)
+        finally:
+            del self._loading[key]
+        if channel is not None:
+            if len(self._entries) >= self._max_entries:
+                self._entries.clear()
+            self._entries[key] = (time.monotonic() + self._ttl, channel)
+        return channel
+
+    def forget(self, app: str, name: str) -> None:
+        """Drop one record (after it changed here)."""
+        self._entries.pop((app, name), None)

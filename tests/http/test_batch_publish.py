@@ -1,0 +1,99 @@
+"""Batch publish (``POST /v1/publish``) against a real ``herald serve``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support import ServerProcess, scaled
+
+
+@pytest.fixture(scope="module")
+def http(server: ServerProcess) -> Iterator[httpx.Client]:
+    """An HTTP client on the shared server, carrying the admin key."""
+    with httpx.Client(
+        base_url=server.url, headers=server.headers, timeout=scaled(10), trust_env=False
+    ) as client:
+        yield client
+
+
+def _create(http: httpx.Client, name: str, **fields: Any) -> None:
+    response = http.post("/v1/channels", json={"name": name, **fields})
+    assert response.status_code == 201, response.text
+
+
+def _history_payloads(http: httpx.Client, name: str, **params: str) -> list[Any]:
+    response = http.get(f"/v1/channels/{name}/history", params={"limit": "1000", **params})
+    assert response.status_code == 200, response.text
+    return [message["payload"] for message in response.json()["data"]]
+
+
+def test_batch_publishes_every_item_in_order(http: httpx.Client, channel_name: str) -> None:
+    other = f"{channel_name}-b"
+    _create(http, channel_name, history_size=1000)
+    _create(http, other)
+    items = [{"channel": channel_name, "payload": n} for n in range(500)]
+    items.insert(250, {"channel": other, "payload": "elsewhere", "metadata": {"k": "v"}})
+    response = http.post("/v1/publish", json=items)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["meta"] == {"code": 200}
+    results = body["data"]
+    assert len(results) == 501
+    assert all(result["status"] == 201 for result in results)
+    assert results[250]["data"]["channel"] == other
+    assert results[250]["data"]["metadata"] == {"k": "v"}
+    published = [r["data"] for r in results if r["data"]["channel"] == channel_name]
+    assert [m["payload"] for m in published] == list(range(500))
+    assert _history_payloads(http, channel_name) == list(range(500))
+    assert _history_payloads(http, other) == ["elsewhere"]
+
+
+def test_batch_reports_failures_per_item(http: httpx.Client, channel_name: str) -> None:
+    _create(http, channel_name)
+    rooms = f"{channel_name}-rooms"
+    _create(http, rooms, type="separate_rooms")
+    items: list[Any] = [
+        {"channel": channel_name, "payload": "first"},
+        {"channel": f"{channel_name}-missing", "payload": "x"},
+        {"channel": channel_name},
+        "not an object",
+        {"channel": channel_name, "payload": "x", "colour": "red"},
+        {"channel": rooms, "payload": "no room"},
+        {"channel": rooms, "payload": "in a room", "room": "r1"},
+        {"channel": "bad name!", "payload": "x"},
+        {"channel": channel_name, "payload": "x" * (64 * 1024 + 1)},
+        {"channel": channel_name, "payload": "last"},
+    ]
+    response = http.post("/v1/publish", json=items)
+    assert response.status_code == 200, response.text
+    results = response.json()["data"]
+    assert [r["status"] for r in results] == [201, 404, 400, 400, 400, 400, 201, 400, 413, 201]
+    assert results[1]["error"] == {"detail": "Not found", "code": "not_found"}
+    assert results[2]["error"]["path"] == "payload"
+    assert results[4]["error"]["path"] == "colour"
+    assert results[5]["error"]["path"] == "room"
+    assert results[7]["error"]["path"] == "channel"
+    assert results[6]["data"]["room"] == "r1"
+    # The failures published nothing; the others went through, in order.
+    assert _history_payloads(http, channel_name) == ["first", "last"]
+
+
+def test_batch_body_errors(http: httpx.Client) -> None:
+    response = http.post("/v1/publish", json={"channel": "x", "payload": 1})
+    assert response.status_code == 400
+    assert response.json()["code"] == "bad_request"
+    response = http.post("/v1/publish", json=[{"channel": "x", "payload": n} for n in range(1001)])
+    assert response.status_code == 413
+    assert "1000" in response.json()["detail"]
+    response = http.post("/v1/publish", content=b"[", headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["detail"].startswith("JSON parse error")
+
+
+def test_batch_needs_credentials(server: ServerProcess) -> None:
+    response = httpx.post(f"{server.url}/v1/publish", json=[], trust_env=False)
+    assert response.status_code == 401
