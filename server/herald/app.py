@@ -11,8 +11,9 @@ from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.types import ASGIApp
 
-from herald.api import error_handlers, routes
+from herald.api import HotPaths, error_handlers, routes
 from herald.config import Settings
 from herald.engines.base import Engine
 from herald.engines.memory import MemoryEngine
@@ -32,7 +33,7 @@ def make_engine(settings: Settings) -> Engine:
     return MemoryEngine()
 
 
-def create_app(settings: Settings) -> Starlette:
+def create_app(settings: Settings) -> ASGIApp:
     """The ASGI app. Its lifespan starts a `Node` and shares it as ``state.node``."""
 
     @contextlib.asynccontextmanager
@@ -46,10 +47,10 @@ def create_app(settings: Settings) -> Starlette:
             pinger.cancel()
             await node.stop()
 
-    return Starlette(routes=routes, exception_handlers=error_handlers, lifespan=lifespan)
+    return HotPaths(Starlette(routes=routes, exception_handlers=error_handlers, lifespan=lifespan))
 
 
-def worker_app() -> Starlette:
+def worker_app() -> ASGIApp:
     """App factory for worker processes: settings come from the ``HERALD_*`` environment."""
     settings = Settings.from_env()
     configure(settings.log_format, settings.log_level)
@@ -70,6 +71,9 @@ def run(settings: Settings, log_config: dict[str, Any]) -> None:
         "lifespan": "on",
         "log_config": log_config,
         "access_log": False,
+        # No proxy in front by default: trusting X-Forwarded-* would let any client
+        # choose its address, and the middleware costs every request.
+        "proxy_headers": False,
         "timeout_graceful_shutdown": 10,
     }
     if settings.workers == 1:

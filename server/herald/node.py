@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections import defaultdict
 from typing import Any, Protocol
 
@@ -34,6 +35,8 @@ BOOTSTRAP_APP = "default"
 
 BOOTSTRAP_KEY_ID = "bootstrap"
 _ITEM_FIELDS = {"channel", "payload", "room", "metadata", "audience"}
+_KEY_TTL = 1.0  # seconds a validated key is trusted without a store lookup
+_MAX_CACHED_KEYS = 10_000
 
 
 async def install_bootstrap_key(engine: Engine, key: str) -> None:
@@ -59,6 +62,23 @@ async def ensure_bootstrap_key(engine: Engine, key: str | None) -> str | None:
     return generated
 
 
+def _parse_item(item: Any) -> tuple[str, Any, object, object]:
+    """(channel, payload, room, metadata) of a publish request object."""
+    if not isinstance(item, dict):
+        raise BadRequest("each item must be an object")
+    if not item.keys() <= _ITEM_FIELDS:
+        unknown = sorted(item.keys() - _ITEM_FIELDS)[0]
+        raise BadRequest(f"unknown field {unknown!r}", path=unknown)
+    if "payload" not in item:
+        raise BadRequest("payload is required", path="payload")
+    if item.get("audience") is not None:
+        raise BadRequest(
+            "audience targets devices, which this version does not have yet", path="audience"
+        )
+    channel = check_name(item.get("channel"), "channel")
+    return channel, item["payload"], item.get("room"), item.get("metadata")
+
+
 class Client(Subscriber, Protocol):
     """A WebSocket connection as the node sees it."""
 
@@ -80,6 +100,7 @@ class Node:
         self._engine_topics: set[Topic] = set()
         self._locks: dict[Topic, asyncio.Lock] = {}
         self._channels = ChannelCache(engine.get_channel)
+        self._principals: dict[str, tuple[float, Principal]] = {}
         self.clients: set[Any] = set()
         """Open WebSocket connections of this worker (for keepalive and shutdown)."""
 
@@ -96,8 +117,20 @@ class Node:
     # Identity
 
     async def authenticate(self, key: str) -> Principal:
-        """The principal behind an app key; `Unauthorized` otherwise."""
-        return principal_for_key(key, await self.engine.find_key(hash_key(key)))
+        """The principal behind an app key; `Unauthorized` otherwise.
+
+        Valid keys are remembered for ``_KEY_TTL`` seconds, so a busy client does
+        not cost a hash and a store lookup per request.
+        """
+        now = time.monotonic()
+        cached = self._principals.get(key)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        principal = principal_for_key(key, await self.engine.find_key(hash_key(key)))
+        if len(self._principals) >= _MAX_CACHED_KEYS:
+            self._principals.clear()
+        self._principals[key] = (now + _KEY_TTL, principal)
+        return principal
 
     # Channels
 
@@ -162,6 +195,13 @@ class Node:
     ) -> Message:
         """Validate, store in history and hand to the broker. Never waits for subscribers."""
         require_scope(principal, "publish")
+        channel, message = await self._prepare(principal, name, payload, room, metadata)
+        return await self.engine.publish(channel, message)
+
+    async def _prepare(
+        self, principal: Principal, name: str, payload: Any, room: object, metadata: object
+    ) -> tuple[Channel, Message]:
+        """The channel and the message to store, or the error that stops the publish."""
         channel = await self._channels.get(principal.app, name)
         if channel is None:
             raise NotFound("Not found")
@@ -182,46 +222,33 @@ class Node:
             created_at="",
             metadata=parse_metadata(metadata, self.settings),
         )
-        return await self.engine.publish(channel, message)
+        return channel, message
 
     async def publish_many(
         self, principal: Principal, items: list[Any]
     ) -> list[Message | HeraldError]:
         """Publish each item (``{channel, payload, room?, metadata?}``); one result per item.
 
-        All items are started at once, in order: publishes to one topic keep the
-        order of the list, and with Redis they share pipelines. A failing item
-        does not stop the others.
+        Valid items are handed to the engine together, in list order: publishes
+        to one topic keep the order of the list, and with Redis they share one
+        round trip. A failing item does not stop the others.
         """
         require_scope(principal, "publish")
-        tasks = [asyncio.ensure_future(self.publish_item(principal, item)) for item in items]
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, HeraldError):
-                raise result
-        return results  # type: ignore[return-value]  # only messages and HeraldErrors remain
+        results: list[Message | HeraldError | None] = []
+        accepted: list[tuple[Channel, Message]] = []
+        for item in items:
+            try:
+                accepted.append(await self._prepare(principal, *_parse_item(item)))
+                results.append(None)
+            except HeraldError as exc:
+                results.append(exc)
+        stored = iter(await self.engine.publish_many(accepted))
+        return [next(stored) if result is None else result for result in results]
 
     async def publish_item(self, principal: Principal, item: Any) -> Message:
-        """Validate one publish request object and publish it."""
-        if not isinstance(item, dict):
-            raise BadRequest("each item must be an object")
-        unknown = sorted(set(item) - _ITEM_FIELDS)
-        if unknown:
-            raise BadRequest(f"unknown field {unknown[0]!r}", path=unknown[0])
-        if "payload" not in item:
-            raise BadRequest("payload is required", path="payload")
-        if item.get("audience") is not None:
-            raise BadRequest(
-                "audience targets devices, which this version does not have yet", path="audience"
-            )
-        channel = check_name(item.get("channel"), "channel")
-        return await self.publish(
-            principal,
-            channel,
-            payload=item["payload"],
-            room=item.get("room"),
-            metadata=item.get("metadata"),
-        )
+        """Validate one publish request object (as a batch item) and publish it."""
+        require_scope(principal, "publish")
+        return await self.engine.publish(*await self._prepare(principal, *_parse_item(item)))
 
     async def history(
         self,

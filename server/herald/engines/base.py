@@ -60,6 +60,13 @@ class Engine(ABC):
         count goes up by one. Raises `Unavailable` when nothing was stored.
         """
 
+    async def publish_many(self, items: list[tuple[Channel, Message]]) -> list[Message]:
+        """`publish` each item, in order; engines may send them together.
+
+        All or nothing is not promised: on `Unavailable` some may be stored.
+        """
+        return [await self.publish(channel, message) for channel, message in items]
+
     @abstractmethod
     async def subscribe(self, topic: Topic) -> None:
         """Start receiving ``topic``'s messages in this worker (idempotent)."""

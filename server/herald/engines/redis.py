@@ -25,7 +25,7 @@ import contextlib
 import logging
 import random
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -37,7 +37,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from herald.engines.base import Engine, MessageHandler, decide_recovery
-from herald.engines.redis_batch import PublishBatcher
+from herald.engines.redis_batch import PublishBatcher, Submission
 from herald.errors import Unavailable
 from herald.models import (
     Channel,
@@ -55,26 +55,39 @@ __all__ = ["RedisEngine"]
 logger = logging.getLogger("herald.redis")
 
 _PUBLISH = """
-local maxlen = tonumber(ARGV[1])
+-- KEYS: stream, meta. ARGV: epoch candidate, maxlen, ttl, pub/sub channel, meta grace,
+-- then one message body per message, all for this one topic, in order.
+local maxlen = tonumber(ARGV[2])
+local n = #ARGV - 5
 local len = redis.call('XLEN', KEYS[1])
+local dropped = nil
 if len == 0 then
   -- The stream expired (history_ttl) or was lost: everything up to the last id is gone.
-  local last = redis.call('HGET', KEYS[2], 'last')
-  if last then redis.call('HSET', KEYS[2], 'dropped', last) end
-elseif len >= maxlen then
-  local old = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', len - maxlen + 1)
-  redis.call('HSET', KEYS[2], 'dropped', old[#old][1])
+  dropped = redis.call('HGET', KEYS[2], 'last')
 end
-local id = redis.call('XADD', KEYS[1], 'MAXLEN', maxlen, '*', 'm', ARGV[2])
-redis.call('HSET', KEYS[2], 'last', id)
-redis.call('HSETNX', KEYS[2], 'epoch', ARGV[3])
-local ttl = tonumber(ARGV[4])
+local excess = len + n - maxlen
+if excess > 0 and excess <= len then
+  local old = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', excess)
+  dropped = old[#old][1]
+end
+local ids, bodies = {}, {}
+for i = 6, #ARGV do
+  ids[#ids + 1] = redis.call('XADD', KEYS[1], '*', 'm', ARGV[i])
+  bodies[#bodies + 1] = ARGV[i]
+end
+if excess > 0 then redis.call('XTRIM', KEYS[1], 'MAXLEN', maxlen) end
+if excess > len then dropped = ids[excess - len] end
+if dropped then redis.call('HSET', KEYS[2], 'dropped', dropped) end
+redis.call('HSET', KEYS[2], 'last', ids[#ids])
+redis.call('HSETNX', KEYS[2], 'epoch', ARGV[1])
+local ttl = tonumber(ARGV[3])
 if ttl > 0 then
   redis.call('EXPIRE', KEYS[1], ttl)
-  redis.call('EXPIRE', KEYS[2], ttl + tonumber(ARGV[6]))
+  redis.call('EXPIRE', KEYS[2], ttl + tonumber(ARGV[5]))
 end
-redis.call('PUBLISH', ARGV[5], id .. ' ' .. ARGV[2])
-return id
+-- One PUBLISH for the whole group: every worker unpacks (ids, bodies) in one go.
+redis.call('PUBLISH', ARGV[4], cmsgpack.pack(ids, bodies))
+return ids
 """
 
 # Reads everything recovery needs in one atomic step: epoch, trim point, newest id and
@@ -209,26 +222,34 @@ class RedisEngine(Engine):
     # Messages
 
     async def publish(self, channel: Channel, message: Message) -> Message:
-        """The publish script (trim bookkeeping, XADD, PUBLISH), pipelined with others.
+        """The publish script (XADD, trim bookkeeping, PUBLISH), pipelined with others.
 
         Queued synchronously, before the first await: publishes started in some
-        order reach Redis in that order.
+        order reach Redis in that order. Fills in the message's id and created_at.
         """
-        message = replace(message, created_at=now_rfc3339())
-        tag = _tag(message.topic)
-        future = self._batcher.submit(
-            (f"{tag}:s", f"{tag}:m"),
-            (
-                channel.history_size,
-                _body(message),
-                secrets.token_hex(4),
-                channel.history_ttl or 0,
-                tag,
-                _META_GRACE,
-            ),
-            (f"herald:{{{channel.app}}}:chn", channel.name),
-        )
-        return replace(message, id=await future)
+        [stored] = await self.publish_many([(channel, message)])
+        return stored
+
+    async def publish_many(self, items: list[tuple[Channel, Message]]) -> list[Message]:
+        """Queue every publish at once: one script call per topic carries them all."""
+        created_at = now_rfc3339()
+        submissions = []
+        for channel, message in items:
+            message.created_at = created_at
+            # Built from the fields: `message.topic` would make a tuple per message.
+            tag = f"herald:{{{message.app}|{message.channel}|{message.room}}}"
+            submissions.append(
+                Submission(
+                    keys=(f"{tag}:s", f"{tag}:m"),
+                    settings=(channel.history_size, channel.history_ttl or 0, tag, _META_GRACE),
+                    body=_body(message),
+                    counter=(f"herald:{{{channel.app}}}:chn", channel.name),
+                )
+            )
+        await self._batcher.submit(submissions)
+        for (_, message), submission in zip(items, submissions, strict=True):
+            message.id = submission.id
+        return [message for _, message in items]
 
     async def subscribe(self, topic: Topic) -> None:
         """SUBSCRIBE on the pub/sub link (or, while it is down, when it comes back)."""
@@ -381,12 +402,15 @@ class RedisEngine(Engine):
         sub = self._subs.get(channel)
         if sub is None:
             return
-        message_id, _, body = data.partition(b" ")
-        message = _message(message_id.decode(), body)
-        if sub.catching_up is not None:
-            sub.catching_up.append(message)
-        else:
-            self._deliver(sub, message)
+        unpacker = msgpack.Unpacker(raw=True)
+        unpacker.feed(data)
+        ids, bodies = unpacker.unpack(), unpacker.unpack()
+        for message_id, body in zip(ids, bodies, strict=True):
+            message = _message(message_id.decode(), body)
+            if sub.catching_up is not None:
+                sub.catching_up.append(message)
+            else:
+                self._deliver(sub, message)
 
     def _deliver(self, sub: _Subscription, message: Message) -> None:
         key = offset_key(message.id)

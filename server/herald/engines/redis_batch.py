@@ -1,15 +1,16 @@
 """Automatic pipelining of publishes for the Redis engine.
 
 Publishes submitted while a pipeline is in flight wait in a queue and leave
-together in the next one, so a burst costs one round trip instead of one per
-message, and Python pays redis-py's per-call overhead once per batch. Only one
-pipeline is in flight at a time, which keeps submission order: two publishes
-to one topic reach Redis in the order they were submitted.
+together in the next one: a burst costs one round trip, and publishes to one
+topic share one script call (one XADD each, one trim, one PUBLISH for all).
+Only one pipeline is in flight at a time, which keeps submission order: two
+publishes to one topic reach Redis in the order they were submitted.
 """
 
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -19,38 +20,48 @@ from redis.exceptions import NoScriptError, RedisError
 
 from herald.errors import Unavailable
 
-__all__ = ["PublishBatcher"]
+__all__ = ["PublishBatcher", "Submission"]
 
-_MAX_BATCH = 1000
+_MAX_BATCH = 5000  # publishes per pipeline
+_MAX_GROUP = 1000  # messages per script call
 
 
 @dataclass(slots=True)
-class _Publish:
+class Submission:
+    """One publish: its topic's keys and settings (script arguments), body and counter.
+
+    ``settings`` are the script's arguments after the epoch candidate: history
+    size, ttl, pub/sub channel, meta grace.
+    """
+
     keys: tuple[str, str]
-    args: tuple[Any, ...]
+    settings: tuple[Any, ...]
+    body: bytes
     counter: tuple[str, str]
-    future: asyncio.Future[str]
+    id: str = ""
+
+
+@dataclass(slots=True)
+class _Request:
+    submissions: list[Submission]
+    future: asyncio.Future[None]
 
 
 class PublishBatcher:
-    """Queues publish-script calls and sends them in ordered pipelines."""
+    """Queues publishes and sends them in ordered pipelines, grouped by topic."""
 
     def __init__(self, redis: Redis, script: str) -> None:
         self._redis = redis
         self._script = script
         self._sha: str | None = None
-        self._queue: list[_Publish] = []
+        self._queue: list[_Request] = []
+        self._queued = 0
         self._sender: asyncio.Task[None] | None = None
 
-    def submit(
-        self, keys: tuple[str, str], args: tuple[Any, ...], counter: tuple[str, str]
-    ) -> asyncio.Future[str]:
-        """Queue one script call; the future gets the new message id. Never awaits.
-
-        ``counter`` is the (hash, field) whose message count goes up by one.
-        """
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Publish(keys, args, counter, future))
+    def submit(self, submissions: list[Submission]) -> asyncio.Future[None]:
+        """Queue publishes; the future completes once each has its ``id``. Never awaits."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Request(submissions, future))
         if self._sender is None:
             self._sender = asyncio.create_task(self._send())
         return future
@@ -58,37 +69,66 @@ class PublishBatcher:
     async def _send(self) -> None:
         try:
             while self._queue:
-                batch, self._queue = self._queue[:_MAX_BATCH], self._queue[_MAX_BATCH:]
+                batch: list[_Request] = []
+                size = 0
+                while self._queue and size < _MAX_BATCH:
+                    request = self._queue.pop(0)
+                    batch.append(request)
+                    size += len(request.submissions)
                 try:
-                    await self._send_batch(batch)
+                    await self._send_batch([s for r in batch for s in r.submissions])
                 except (RedisError, OSError) as exc:
                     error = Unavailable(f"Redis is unavailable: {type(exc).__name__}")
-                    for publish in batch:
-                        if not publish.future.done():
-                            publish.future.set_exception(error)
+                    for request in batch:
+                        if not request.future.done():
+                            request.future.set_exception(error)
+                else:
+                    for request in batch:
+                        if not request.future.done():
+                            request.future.set_result(None)
         finally:
             self._sender = None
 
-    async def _send_batch(self, batch: list[_Publish]) -> None:
+    async def _send_batch(self, batch: list[Submission]) -> None:
+        # Group by topic, keeping order within each topic (groups of one topic follow
+        # each other in the pipeline). A topic's settings are those of its first message.
+        groups: list[list[Submission]] = []
+        current: dict[tuple[str, str], list[Submission]] = {}
+        for submission in batch:
+            group = current.get(submission.keys)
+            if group is None or len(group) == _MAX_GROUP:
+                group = current[submission.keys] = []
+                groups.append(group)
+            group.append(submission)
         if self._sha is None:
             self._sha = await self._redis.script_load(self._script)
         try:
-            ids = await self._pipeline(batch, self._sha)
+            results = await self._pipeline(groups, batch, self._sha)
         except NoScriptError:
             # Redis restarted and forgot the script: nothing of this batch ran.
             self._sha = await self._redis.script_load(self._script)
-            ids = await self._pipeline(batch, self._sha)
-        for publish, message_id in zip(batch, ids, strict=True):
-            if not publish.future.done():
-                publish.future.set_result(message_id)
+            results = await self._pipeline(groups, batch, self._sha)
+        for group, ids in zip(groups, results, strict=True):
+            for submission, raw in zip(group, ids, strict=True):
+                submission.id = raw.decode()
 
-    async def _pipeline(self, batch: list[_Publish], sha: str) -> list[str]:
-        counts = Counter(publish.counter for publish in batch)
+    async def _pipeline(
+        self, groups: list[list[Submission]], batch: list[Submission], sha: str
+    ) -> list[list[bytes]]:
+        counts = Counter(submission.counter for submission in batch)
         async with self._redis.pipeline(transaction=False) as pipe:
-            for publish in batch:
-                pipe.evalsha(sha, 2, *publish.keys, *publish.args)
+            for group in groups:
+                first = group[0]
+                pipe.evalsha(
+                    sha,
+                    2,
+                    *first.keys,
+                    secrets.token_hex(4),  # epoch, if the topic has none yet
+                    *first.settings,
+                    *(s.body for s in group),
+                )
             # Counts are advisory (channel `counts.messages`): one HINCRBY per channel.
-            for (key, field), count in counts.items():
-                pipe.hincrby(key, field, count)
+            for (key, name), count in counts.items():
+                pipe.hincrby(key, name, count)
             results = await pipe.execute()
-        return [raw.decode() for raw in results[: len(batch)]]
+        return results[: len(groups)]
