@@ -17,19 +17,13 @@ import contextlib
 import datetime
 import os
 import platform
-import resource
 import secrets
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import orjson
 import uvloop
 
@@ -37,12 +31,31 @@ if __package__ in (None, ""):
     # Run as a script (python bench/fanout.py): make the repository root importable.
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.loadgen import PAYLOAD_BYTES, Publisher, Role, Totals, WsClient, open_client
+from bench.httpload import request_sync
+from bench.loadgen import (
+    PAYLOAD_BYTES,
+    Publisher,
+    Role,
+    Totals,
+    WsClient,
+    WsFeeder,
+    open_client,
+)
+from bench.procs import (
+    HOST,
+    LOADGEN_CPU,
+    RESULTS,
+    SERVER_CPU,
+    Proc,
+    can_pin,
+    free_port,
+    log_problems,
+    machine_busy_seconds,
+    raise_nofile,
+    start_herald,
+    start_redis,
+)
 
-HOST = "127.0.0.1"
-SERVER_CPU = 0
-LOADGEN_CPU = 1
-RESULTS = Path(__file__).resolve().parent / "results"
 DRAIN_SECONDS = 2.0
 """How long a step's last deliveries may take; what arrives later counts as lost."""
 SETTLE_SECONDS = 30.0
@@ -61,10 +74,9 @@ MAX_STEP_SAMPLE_EVERY = 50
 class Server:
     """A ``herald serve`` subprocess."""
 
-    proc: subprocess.Popen[bytes]
+    proc: Proc
     port: int
     key: str
-    log_path: Path
     pinned: bool
 
     @property
@@ -72,114 +84,41 @@ class Server:
         """Base HTTP URL."""
         return f"http://{HOST}:{self.port}"
 
+    @property
+    def log_path(self) -> Path:
+        """Where its output goes."""
+        return self.proc.log_path
+
     def cpu_seconds(self) -> float:
         """User + system CPU time the server has used so far (/proc/<pid>/stat)."""
-        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        fields = stat.rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return self.proc.cpu_seconds()
 
     def rss_kib(self) -> int:
         """Resident memory of the server, KiB."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        return 0
+        return self.proc.rss_kib()
 
     def stop(self) -> int | None:
         """SIGTERM, then SIGKILL if it lingers; the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
-def machine_busy_seconds() -> float:
-    """CPU time all CPUs have spent busy since boot (/proc/stat: all but idle and iowait)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def can_pin() -> bool:
-    """Whether CPUs 0 and 1 are both available to us."""
-    return {SERVER_CPU, LOADGEN_CPU} <= os.sched_getaffinity(0)
-
-
-def start_redis(log_path: Path, pin: bool) -> tuple[subprocess.Popen[bytes], str]:
-    """A throwaway ``redis-server`` (no persistence) on a free port, on the server's CPU."""
-    port = free_port()
-    command = [
-        "redis-server",
-        "--port",
-        str(port),
-        "--bind",
-        HOST,
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-    ]
-    taskset = shutil.which("taskset")
-    if pin and taskset:
-        command = [taskset, "-c", str(SERVER_CPU), *command]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection((HOST, port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                if sock.recv(16).startswith(b"+PONG"):
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            raise RuntimeError("redis-server did not start")
-        time.sleep(0.05)
-    return proc, f"redis://{HOST}:{port}/0"
+        return self.proc.stop()
 
 
 def start_server(
     port: int, key: str, log_path: Path, pin: bool, redis_url: str | None = None
 ) -> Server:
     """Start the server (Redis engine if ``redis_url``), pinned to CPU 0 when ``pin``."""
-    env = {**os.environ, "HERALD_ADMIN_KEY": key}
-    command = [sys.executable, "-m", "herald", "serve", "--host", HOST, "--port", str(port)]
-    if redis_url:
-        command += ["--redis", redis_url]
-    taskset = shutil.which("taskset")
-    if pin and taskset:
-        command = [taskset, "-c", str(SERVER_CPU), *command]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-    if pin and not taskset:
-        os.sched_setaffinity(proc.pid, {SERVER_CPU})
-    return Server(proc, port, key, log_path, pin)
+    return Server(start_herald(port, key, log_path, pin, redis_url), port, key, pin)
 
 
 def wait_healthy(server: Server, timeout: float = 20.0) -> None:
     """Poll /healthz until it answers 200."""
     deadline = time.monotonic() + timeout
     while True:
-        if server.proc.poll() is not None:
+        if not server.proc.alive():
             raise RuntimeError(
-                f"herald exited with {server.proc.returncode}; see {server.log_path}"
+                f"herald exited with {server.proc.popen.returncode}; see {server.log_path}"
             )
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{server.url}/healthz", timeout=1).status_code == 200:
+        with contextlib.suppress(OSError):
+            if request_sync(server.port, "GET", "/healthz", timeout=1)[0] == 200:
                 return
         if time.monotonic() > deadline:
             raise RuntimeError(f"herald did not become healthy; see {server.log_path}")
@@ -188,21 +127,11 @@ def wait_healthy(server: Server, timeout: float = 20.0) -> None:
 
 def create_channel(server: Server, name: str) -> None:
     """POST /v1/channels with the admin key."""
-    response = httpx.post(
-        f"{server.url}/v1/channels",
-        json={"name": name},
-        headers={"Authorization": f"Bearer {server.key}"},
-        timeout=10,
+    status, body = request_sync(
+        server.port, "POST", "/v1/channels", server.key, orjson.dumps({"name": name})
     )
-    if response.status_code != 201:
-        raise RuntimeError(f"creating the channel: {response.status_code} {response.text}")
-
-
-def server_log_problems(path: Path) -> list[str]:
-    """Lines of the server log that report errors or warnings."""
-    words = ("ERROR", "Traceback", "WARNING", "CRITICAL", "Exception")
-    lines = path.read_text(errors="replace").splitlines()
-    return [line for line in lines if any(word in line for word in words)]
+    if status != 201:
+        raise RuntimeError(f"creating the channel: {status} {body.decode(errors='replace')}")
 
 
 # Measuring
@@ -329,9 +258,8 @@ async def run_benchmark(args: argparse.Namespace, server: Server, channel: str) 
 
     publisher_client = await open_client(totals, server.port, "publisher", channel, key)
     publisher = Publisher(
-        publisher_client,
+        WsFeeder(publisher_client, [channel]),
         totals,
-        channel,
         subscribed,
         window=args.window,
         backlog=args.backlog,
@@ -442,16 +370,6 @@ def table(subscribers: int, steps: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def raise_nofile(needed: int) -> tuple[int, int]:
-    """Raise the soft open-files limit towards ``needed`` (up to the hard limit)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        soft = target
-    return soft, hard
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """Command-line flags."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -549,11 +467,10 @@ def run_engine(
     finally:
         exit_code = server.stop()
         if redis_proc is not None:
-            redis_proc.kill()
-            redis_proc.wait()
+            redis_proc.stop()
     load_after = os.getloadavg()
 
-    problems = server_log_problems(server.log_path)
+    problems = log_problems(server.log_path)
     report = {
         "benchmark": "fanout",
         "engine": engine,

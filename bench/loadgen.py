@@ -1,4 +1,4 @@
-"""Load generator for the fan-out benchmark: cheap hand-rolled WebSocket clients.
+"""Load generator of the benchmarks: cheap hand-rolled WebSocket clients and a paced publisher.
 
 A thousand receivers must not cost more than the server they measure, so
 they do not use a WebSocket library. `WsClient` is a bare asyncio protocol:
@@ -9,13 +9,14 @@ It decodes JSON only while setting up, for the first message frame it gets
 (a one-off correctness check), and, on the few *probe* connections, for the
 frames that carry a publish timestamp.
 
-`Publisher` drives one more `WsClient` that decodes its (small) answers and
-sends ``publish`` frames either as fast as the bounds allow or at a target
-rate. Two bounds keep every run honest: at most ``window`` publishes without
-a ``published`` answer, and at most ``backlog`` undelivered messages per
-subscriber on average, so a load generator that falls behind slows the
-publisher down instead of piling up a backlog the server would (rightly)
-close as a slow consumer.
+`Publisher` sends messages through a `Feeder` (`WsFeeder` here: ``publish``
+frames on one more `WsClient`; HTTP batches and Redis PUBLISH live in
+`bench.httpload` and `bench.resp`) either as fast as the bounds allow or at
+a target rate. Two bounds keep every run honest: at most ``window``
+publishes without an answer, and at most ``backlog`` messages not yet
+received by all their subscribers, so a load generator that falls behind
+slows the publisher down instead of piling up a backlog the server would
+(rightly) close as a slow consumer.
 """
 
 from __future__ import annotations
@@ -29,17 +30,21 @@ import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, cast
+from typing import Any, Literal, Protocol, cast
 
 import orjson
 
 __all__ = [
     "PAYLOAD_BYTES",
+    "PLAIN_PAYLOAD",
+    "Feeder",
     "Publisher",
     "Role",
     "StepCounts",
     "Totals",
     "WsClient",
+    "WsFeeder",
+    "client_frame",
     "open_client",
     "timestamp_payload",
 ]
@@ -56,7 +61,8 @@ _OP_PING = 0x9
 _FIN_TEXT = 0x81  # FIN + text: every frame the server sends on herald.json data
 _MAX_HANDSHAKE = 16 * 1024
 _SAMPLE_MARK = b'"payload":"T'
-_PLAIN_PAYLOAD = b"P" * PAYLOAD_BYTES
+PLAIN_PAYLOAD = b"P" * PAYLOAD_BYTES
+"""The payload of every message that carries no timestamp."""
 
 Role = Literal["subscriber", "probe", "publisher"]
 
@@ -192,14 +198,15 @@ class WsClient(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         """Handshake first; then frames."""
+        totals = self.totals
         if self.upgraded:
             if self.role != "publisher":
-                self.totals.reads += 1
+                totals.reads += 1
             self._frames(data)
         else:
             self._handshake(data)
-        if self.totals.on_progress is not None:
-            self.totals.poke()
+        if totals.on_progress is not None:
+            totals.poke()
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Fail whoever still waits, and count the loss of a subscriber."""
@@ -442,8 +449,51 @@ class StepCounts:
     first_received: int
 
 
+class Feeder(Protocol):
+    """Where a `Publisher` sends its messages: WebSocket frames, HTTP batches or Redis."""
+
+    description: str
+    """What it sends, for the report (e.g. "websocket publish frames")."""
+
+    def send(self, first: int, count: int, every: int) -> None:
+        """Publish messages number ``first`` to ``first + count - 1``, never waiting.
+
+        Message ``n`` goes to channel ``n % len(channels)``; it carries a
+        `timestamp_payload` when ``n % every == 0``, a plain payload otherwise.
+        Every answer adds one to ``Totals.acked`` and is followed by ``Totals.poke()``.
+        """
+
+    def close(self) -> None:
+        """Drop the connections (the benchmark is over)."""
+
+
+class WsFeeder:
+    """Sends ``publish`` frames on one `WsClient` (role ``publisher``), which counts answers."""
+
+    description = "websocket publish frames (one connection)"
+
+    def __init__(self, client: WsClient, channels: list[str]) -> None:
+        self.client = client
+        self._prefixes = [b'{"op":"publish","channel":"%s","id":' % c.encode() for c in channels]
+
+    def send(self, first: int, count: int, every: int) -> None:
+        """Write ``count`` publish frames in one write."""
+        prefixes = self._prefixes
+        channels = len(prefixes)
+        frames = []
+        for number in range(first, first + count):
+            payload = timestamp_payload(time.time_ns()) if number % every == 0 else PLAIN_PAYLOAD
+            body = b'%s%d,"payload":"%s"}' % (prefixes[number % channels], number, payload)
+            frames.append(client_frame(body))
+        self.client.write(b"".join(frames))
+
+    def close(self) -> None:
+        """Drop the publisher connection."""
+        self.client.close()
+
+
 class Publisher:
-    """Sends ``publish`` frames on one connection within the window and backlog bounds.
+    """Feeds messages through a `Feeder` within the window and backlog bounds.
 
     Sending is driven by callbacks, not only by a task: whenever a bound is
     what stops it, the publisher asks `Totals` to call it back as soon as
@@ -451,25 +501,28 @@ class Publisher:
     of the load generator's pass over its sockets. So the server gets the
     next publishes while the load generator is still reading the previous
     ones, and the two processes work in parallel instead of taking turns.
+
+    ``fanout`` is how many deliveries each message makes (subscribers per
+    channel); ``backlog`` bounds the messages published but not yet received
+    by all their subscribers, ``window`` those not yet answered.
     """
 
     def __init__(
         self,
-        client: WsClient,
+        feeder: Feeder,
         totals: Totals,
-        channel: str,
-        subscribers: int,
+        fanout: int,
         *,
         window: int,
         backlog: int,
+        batch: int | None = None,
     ) -> None:
-        self.client = client
+        self.feeder = feeder
         self.totals = totals
-        self.subscribers = subscribers
+        self.fanout = fanout
         self.window = window
         self.backlog = backlog
-        self._prefix = b'{"op":"publish","channel":"%s","id":' % channel.encode()
-        self._batch = max(1, min(window, backlog) // 8)
+        self._batch = batch or max(1, min(window, backlog) // 8)
         self._loop = asyncio.get_running_loop()
         self._active = False
         self._rate: float | None = None
@@ -480,7 +533,7 @@ class Publisher:
     def _room(self) -> int:
         """How many publishes both bounds allow right now."""
         totals = self.totals
-        delivered = totals.received // self.subscribers
+        delivered = totals.received // self.fanout
         return min(totals.acked + self.window, delivered + self.backlog) - totals.sent
 
     def _due(self) -> int:
@@ -491,14 +544,8 @@ class Publisher:
 
     def _send(self, count: int) -> None:
         totals = self.totals
-        prefix = self._prefix
-        every = self._sample_every
-        frames = []
-        for number in range(totals.sent, totals.sent + count):
-            payload = timestamp_payload(time.time_ns()) if number % every == 0 else _PLAIN_PAYLOAD
-            frames.append(client_frame(b'%s%d,"payload":"%s"}' % (prefix, number, payload)))
+        self.feeder.send(totals.sent, count, self._sample_every)
         totals.sent += count
-        self.client.write(b"".join(frames))
 
     def pump(self) -> None:
         """Send what the bounds (and the schedule) allow; if a bound stops us, ask to be called."""
@@ -512,7 +559,7 @@ class Publisher:
         if room <= 0 or self._rate is None:
             totals = self.totals
             totals.notify(
-                (totals.sent - self.backlog + self._batch) * self.subscribers,
+                (totals.sent - self.backlog + self._batch) * self.fanout,
                 totals.sent - self.window + self._batch,
                 self.pump,
             )

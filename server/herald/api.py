@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import msgpack
@@ -19,6 +20,8 @@ from herald.models import Channel, parse_offset
 from herald.node import Node
 
 __all__ = ["HotPaths", "error_handlers", "routes"]
+
+logger = logging.getLogger("herald.api")
 
 MSGPACK = "application/msgpack"
 _MAX_PAGE = 200
@@ -303,6 +306,9 @@ class HotPaths:
             response = await endpoint(request)
         except HeraldError as exc:
             response = _error_response(request, exc)
+        except Exception:
+            logger.exception("%s %s failed", scope["method"], scope["path"])
+            response = _error_response(request, HeraldError("internal error"))
         await response(scope, receive, send)
 
 
