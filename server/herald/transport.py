@@ -93,7 +93,6 @@ class Connection(asyncio.Protocol):
         self.open = False
         self._closing = False
         self._out: list[bytes] = []
-        self._out_bytes = 0
         self._queued = False
         self._fragments: list[bytes] = []
         self._fragment_text = False
@@ -321,7 +320,6 @@ class Connection(asyncio.Protocol):
         if self._closing:
             return
         self._out.append(frame)
-        self._out_bytes += len(frame)
         if not self._queued:
             self._queued = True
             self.node.hub.schedule_flush(self)
@@ -332,13 +330,19 @@ class Connection(asyncio.Protocol):
         if not self._out or self.transport is None or self._closing:
             return
         out, self._out = self._out, []
-        pending, self._out_bytes = self._out_bytes, 0
-        if pending + self.transport.get_write_buffer_size() > self._limit:
-            # It is not reading: drop its backlog rather than let it grow; it can
-            # reconnect with `since` and recover what it missed from history.
+        transport = self.transport
+        if transport.get_write_buffer_size() > self._limit:
+            # It is not reading: what we wrote before is still here, unsent. Drop the
+            # new frames rather than let the backlog grow; it can reconnect with
+            # `since` and recover what it missed from history.
+            logger.info(
+                "closing %s: slow consumer (%d bytes unsent)",
+                self.client_id,
+                transport.get_write_buffer_size(),
+            )
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
             return
-        self.transport.writelines(out)
+        transport.writelines(out)
 
     def close(self, code: CloseCode, reason: str = "") -> None:
         """Flush what is queued, send a close frame, and drop the link if the peer lingers."""
