@@ -249,6 +249,48 @@ async def get_message(request: Request) -> Response:
     return respond(request, message.to_api())
 
 
+async def create_app(request: Request) -> Response:
+    """``POST /v1/apps`` (operator key): the app and its first admin key, shown once."""
+    principal = await authenticate(request)
+    app, record, key = await _node(request).identity.create_app(principal, await read_body(request))
+    return respond(request, {**app.to_api(), "admin_key": {**record.to_api(), "key": key}}, 201)
+
+
+async def list_apps(request: Request) -> Response:
+    """``GET /v1/apps`` (operator key)."""
+    principal = await authenticate(request)
+    apps = await _node(request).identity.list_apps(principal)
+    return respond(request, [app.to_api() for app in apps])
+
+
+async def create_key(request: Request) -> Response:
+    """``POST /v1/keys`` ``{scopes, name?}`` (admin): the key, shown once."""
+    principal = await authenticate(request)
+    record, key = await _node(request).identity.create_key(principal, await read_body(request))
+    return respond(request, {**record.to_api(), "key": key}, 201)
+
+
+async def list_keys(request: Request) -> Response:
+    """``GET /v1/keys`` (admin): the app's keys, without secrets."""
+    principal = await authenticate(request)
+    keys = await _node(request).identity.list_keys(principal)
+    return respond(request, [key.to_api() for key in keys])
+
+
+async def delete_key(request: Request) -> Response:
+    """``DELETE /v1/keys/{id}`` (admin): the key stops working everywhere at once."""
+    principal = await authenticate(request)
+    record = await _node(request).identity.delete_key(principal, request.path_params["id"])
+    return respond(request, record.to_api())
+
+
+async def create_token(request: Request) -> Response:
+    """``POST /v1/tokens`` ``{user_id, ttl?}`` (admin): a user token for a front end."""
+    principal = await authenticate(request)
+    token = await _node(request).identity.mint(principal, await read_body(request))
+    return respond(request, token, 201)
+
+
 async def healthz(request: Request) -> Response:
     """Alive: the process answers."""
     return respond(request, {"status": "ok"})
@@ -263,6 +305,12 @@ async def readyz(request: Request) -> Response:
 routes = [
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
+    Route("/v1/apps", create_app, methods=["POST"]),
+    Route("/v1/apps", list_apps, methods=["GET"]),
+    Route("/v1/keys", create_key, methods=["POST"]),
+    Route("/v1/keys", list_keys, methods=["GET"]),
+    Route("/v1/keys/{id}", delete_key, methods=["DELETE"]),
+    Route("/v1/tokens", create_token, methods=["POST"]),
     Route("/v1/channels", create_channel, methods=["POST"]),
     Route("/v1/channels", list_channels, methods=["GET"]),
     Route("/v1/channels/{name}", get_channel, methods=["GET"]),

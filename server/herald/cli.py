@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _bootstrap_redis(settings: Settings) -> str | None:
     from herald.engines.redis import RedisEngine
-    from herald.node import ensure_bootstrap_key
+    from herald.identity import ensure_bootstrap_key
 
     engine = RedisEngine(settings.redis_url or "")
     try:

@@ -17,6 +17,7 @@ from herald.errors import BadRequest
 __all__ = [
     "ACL",
     "CHANNEL_TYPES",
+    "App",
     "Channel",
     "KeyRecord",
     "Message",
@@ -285,6 +286,19 @@ class Channel:
 
 
 @dataclass(frozen=True, slots=True)
+class App:
+    """A tenant. ``token_secret`` signs its users' tokens (HS256); never shown."""
+
+    name: str
+    token_secret: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    created_at: str = field(default_factory=now_rfc3339)
+
+    def to_api(self) -> dict[str, str]:
+        """The app as the API shows it."""
+        return {"name": self.name, "created_at": self.created_at}
+
+
+@dataclass(frozen=True, slots=True)
 class KeyRecord:
     """An app key as stored: never the key itself, only its hash."""
 
@@ -294,3 +308,12 @@ class KeyRecord:
     key_hash: str
     name: str = ""
     created_at: str = field(default_factory=now_rfc3339)
+
+    def to_api(self) -> dict[str, object]:
+        """The key as the API shows it: never the secret nor its hash."""
+        return {
+            "id": self.id,
+            "scopes": list(self.scopes),
+            "name": self.name,
+            "created_at": self.created_at,
+        }

@@ -11,55 +11,33 @@ import asyncio
 import logging
 import os
 import socket
-import time
 from collections import defaultdict
 from typing import Any, Protocol
 
-from herald.auth import Principal, hash_key, new_key, principal_for_key, require_scope
+from herald.auth import Principal, can_publish, can_read, require_scope
 from herald.cache import ChannelCache
 from herald.channels import parse_metadata, payload_size
 from herald.config import Settings
 from herald.engines.base import Engine
-from herald.errors import BadRequest, Conflict, Gone, HeraldError, NotFound, PayloadTooLarge
+from herald.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    Gone,
+    HeraldError,
+    NotFound,
+    PayloadTooLarge,
+)
 from herald.hub import Hub, Subscriber, frame_bytes
-from herald.models import Channel, KeyRecord, Message, Topic, check_name, parse_offset
+from herald.identity import Identity, install_bootstrap_key
+from herald.models import Channel, Message, Topic, check_name, parse_offset
 from herald.protocol import ConnectionState, Subscribe, Unsubscribe
 
-__all__ = ["BOOTSTRAP_APP", "Client", "Node", "ensure_bootstrap_key", "install_bootstrap_key"]
+__all__ = ["Client", "Node"]
 
 logger = logging.getLogger("herald.node")
 
-BOOTSTRAP_APP = "default"
-"""The app that exists from first start; its admin key is the operator's."""
-
-
-BOOTSTRAP_KEY_ID = "bootstrap"
 _ITEM_FIELDS = {"channel", "payload", "room", "metadata", "audience"}
-_KEY_TTL = 1.0  # seconds a validated key is trusted without a store lookup
-_MAX_CACHED_KEYS = 10_000
-
-
-async def install_bootstrap_key(engine: Engine, key: str) -> None:
-    """Make ``key`` the bootstrap app's admin key (replacing any earlier one)."""
-    await engine.add_key(
-        KeyRecord(id=BOOTSTRAP_KEY_ID, app=BOOTSTRAP_APP, scopes=("admin",), key_hash=hash_key(key))
-    )
-
-
-async def ensure_bootstrap_key(engine: Engine, key: str | None) -> str | None:
-    """Install ``key``, or generate one if the engine has no bootstrap key yet.
-
-    Returns the generated key (to be shown once), or ``None`` when nothing was
-    generated: a key was given, or one exists from an earlier start.
-    """
-    if key:
-        await install_bootstrap_key(engine, key)
-        return None
-    if await engine.find_key_by_id(BOOTSTRAP_KEY_ID) is not None:
-        return None
-    generated = new_key()
-    await install_bootstrap_key(engine, generated)
-    return generated
 
 
 def _parse_item(item: Any) -> tuple[str, Any, object, object]:
@@ -100,15 +78,18 @@ class Node:
         self._engine_topics: set[Topic] = set()
         self._locks: dict[Topic, asyncio.Lock] = {}
         self._channels = ChannelCache(engine.get_channel)
-        self._principals: dict[str, tuple[float, Principal]] = {}
+        self.identity = Identity(engine)
         self.clients: set[Any] = set()
         """Open WebSocket connections of this worker (for keepalive and shutdown)."""
 
     async def start(self) -> None:
         """Start the engine; install ``settings.admin_key`` as the bootstrap key if given."""
-        await self.engine.start(self.hub.deliver)
+        await self.engine.start(self.hub.deliver, self._on_control)
         if self.settings.admin_key:
             await install_bootstrap_key(self.engine, self.settings.admin_key)
+
+    def _on_control(self, event: dict[str, Any]) -> None:
+        self.identity.on_control(event)
 
     async def stop(self) -> None:
         """Release the engine."""
@@ -116,37 +97,38 @@ class Node:
 
     # Identity
 
-    async def authenticate(self, key: str) -> Principal:
-        """The principal behind an app key; `Unauthorized` otherwise.
-
-        Valid keys are remembered for ``_KEY_TTL`` seconds, so a busy client does
-        not cost a hash and a store lookup per request.
-        """
-        now = time.monotonic()
-        cached = self._principals.get(key)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        principal = principal_for_key(key, await self.engine.find_key(hash_key(key)))
-        if len(self._principals) >= _MAX_CACHED_KEYS:
-            self._principals.clear()
-        self._principals[key] = (now + _KEY_TTL, principal)
-        return principal
+    async def authenticate(self, credential: str) -> Principal:
+        """The principal behind an app key or a user token; `Unauthorized` otherwise."""
+        return await self.identity.authenticate(credential)
 
     # Channels
 
     async def create_channel(self, principal: Principal, channel: Channel) -> Channel:
-        """Store a new channel of the principal's app; `Conflict` if the name is taken."""
-        require_scope(principal, "admin")
+        """Store a new channel of the principal's app; `Conflict` if the name is taken.
+
+        Admin keys and users may create channels; the creator is the owner.
+        """
+        if not principal.is_user:
+            require_scope(principal, "admin")
         channel.owner = principal.author
         if not await self.engine.create_channel(channel):
             raise Conflict(f"channel {channel.name!r} exists already", path="name")
         return channel
 
     async def channel(self, principal: Principal, name: str) -> Channel:
-        """A channel of the principal's app, or `NotFound`."""
+        """A channel of the principal's app, or `NotFound`; users must be able to read it."""
         channel = await self.engine.get_channel(principal.app, name)
         if channel is None:
             raise NotFound("Not found")
+        if principal.is_user and not can_read(principal, channel):
+            raise Forbidden(f"you may not read channel {name!r}")
+        return channel
+
+    async def readable(self, principal: Principal, name: str) -> Channel:
+        """A channel the principal may subscribe to and read the history of."""
+        channel = await self.channel(principal, name)
+        if not can_read(principal, channel):
+            raise Forbidden(f"this credential may not read channel {name!r}")
         return channel
 
     async def list_channels(
@@ -164,7 +146,11 @@ class Node:
         while len(found) < limit:
             batch = await self.engine.list_channels(principal.app, after=cursor, limit=limit)
             for channel in batch:
-                if (include_inactive or not channel.is_inactive) and kind in (None, channel.type):
+                if (
+                    (include_inactive or not channel.is_inactive)
+                    and kind in (None, channel.type)
+                    and (not principal.is_user or can_read(principal, channel))
+                ):
                     found.append(channel)
                     if len(found) == limit:
                         break
@@ -194,7 +180,6 @@ class Node:
         metadata: object = None,
     ) -> Message:
         """Validate, store in history and hand to the broker. Never waits for subscribers."""
-        require_scope(principal, "publish")
         channel, message = await self._prepare(principal, name, payload, room, metadata)
         return await self.engine.publish(channel, message)
 
@@ -205,6 +190,8 @@ class Node:
         channel = await self._channels.get(principal.app, name)
         if channel is None:
             raise NotFound("Not found")
+        if not can_publish(principal, channel):
+            raise Forbidden(f"this credential may not publish on channel {name!r}")
         if channel.is_inactive:
             raise Gone(f"channel {name!r} is closed")
         room_name = channel.check_room(room)
@@ -233,7 +220,6 @@ class Node:
         to one topic keep the order of the list, and with Redis they share one
         round trip. A failing item does not stop the others.
         """
-        require_scope(principal, "publish")
         results: list[Message | HeraldError | None] = []
         accepted: list[tuple[Channel, Message]] = []
         for item in items:
@@ -247,7 +233,6 @@ class Node:
 
     async def publish_item(self, principal: Principal, item: Any) -> Message:
         """Validate one publish request object (as a batch item) and publish it."""
-        require_scope(principal, "publish")
         return await self.engine.publish(*await self._prepare(principal, *_parse_item(item)))
 
     async def history(
@@ -262,7 +247,7 @@ class Node:
         reverse: bool,
     ) -> list[Message]:
         """Retained messages of one topic of a channel."""
-        channel = await self.channel(principal, name)
+        channel = await self.readable(principal, name)
         topic = channel.topic(channel.check_room(room))
         return await self.engine.history(
             topic, since=since, until=until, limit=limit, reverse=reverse
@@ -272,7 +257,7 @@ class Node:
         self, principal: Principal, name: str, message_id: str, room: object
     ) -> Message:
         """One retained message by id, or `NotFound`."""
-        channel = await self.channel(principal, name)
+        channel = await self.readable(principal, name)
         topic = channel.topic(channel.check_room(room))
         ms, seq = parse_offset(message_id, "id")
         # The newest message before the id right after this one is this one, if it exists.
@@ -289,8 +274,7 @@ class Node:
         Live messages that arrive while history is read are buffered in the hub
         and merged by id, so the client gets no gap and no duplicate.
         """
-        require_scope(principal, "subscribe")
-        channel = await self.channel(principal, request.channel)
+        channel = await self.readable(principal, request.channel)
         if channel.is_inactive:
             raise Gone(f"channel {channel.name!r} is closed")
         topic = channel.topic(channel.check_room(request.room))

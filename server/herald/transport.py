@@ -292,9 +292,10 @@ class Connection(asyncio.Protocol):
             )
 
     async def _connect(self, request: Connect) -> None:
-        if request.key is None:
-            raise Unauthorized("only app keys are accepted in this version")
-        self.principal = await self.node.authenticate(request.key)
+        credential = request.key or request.token
+        if credential is None:
+            raise Unauthorized("device connection keys are not accepted in this version")
+        self.principal = await self.node.authenticate(credential)
         self.state.authenticated = True
         if self._timer is not None:
             self._timer.cancel()

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Any
 
 from herald.models import (
+    App,
     Channel,
     KeyRecord,
     Message,
@@ -30,18 +32,28 @@ from herald.models import (
     parse_offset,
 )
 
-__all__ = ["Engine", "MessageHandler", "decide_recovery"]
+__all__ = ["ControlHandler", "Engine", "MessageHandler", "decide_recovery"]
 
 MessageHandler = Callable[[Message], None]
 """Called by the engine for every message on a subscribed topic. Must not block."""
+
+ControlHandler = Callable[[dict[str, Any]], None]
+"""Called on every worker for each `Engine.broadcast` event (this worker's included)."""
 
 
 class Engine(ABC):
     """Base of the memory and Redis engines."""
 
     @abstractmethod
-    async def start(self, on_message: MessageHandler) -> None:
-        """Connect, and from now on call ``on_message`` for subscribed topics."""
+    async def start(
+        self, on_message: MessageHandler, on_control: ControlHandler | None = None
+    ) -> None:
+        """Connect; from now on call ``on_message`` for subscribed topics and
+        ``on_control`` for broadcast events."""
+
+    @abstractmethod
+    async def broadcast(self, event: dict[str, Any]) -> None:
+        """Hand a small event (msgpack-able) to every worker's ``on_control``, at most once."""
 
     @abstractmethod
     async def close(self) -> None:
@@ -128,6 +140,26 @@ class Engine(ABC):
     @abstractmethod
     async def find_key_by_id(self, key_id: str) -> KeyRecord | None:
         """The key record with that id, or ``None``."""
+
+    @abstractmethod
+    async def list_keys(self, app: str) -> list[KeyRecord]:
+        """Every key of ``app``, oldest first."""
+
+    @abstractmethod
+    async def delete_key(self, app: str, key_id: str) -> KeyRecord | None:
+        """Remove a key of ``app``; the removed record, or ``None`` if there was none."""
+
+    @abstractmethod
+    async def create_app(self, app: App) -> bool:
+        """Store a new app; ``False`` (and nothing stored) when the name is taken."""
+
+    @abstractmethod
+    async def get_app(self, name: str) -> App | None:
+        """The app, or ``None``."""
+
+    @abstractmethod
+    async def list_apps(self) -> list[App]:
+        """Every app, sorted by name."""
 
 
 def decide_recovery(

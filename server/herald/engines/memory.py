@@ -11,10 +11,12 @@ import time
 from bisect import bisect_left, bisect_right
 from collections import deque
 from dataclasses import dataclass, field, replace
+from typing import Any
 
-from herald.engines.base import Engine, MessageHandler, decide_recovery
+from herald.engines.base import ControlHandler, Engine, MessageHandler, decide_recovery
 from herald.errors import Unavailable
 from herald.models import (
+    App,
     Channel,
     KeyRecord,
     Message,
@@ -60,19 +62,30 @@ class MemoryEngine(Engine):
 
     def __init__(self) -> None:
         self._on_message: MessageHandler | None = None
+        self._on_control: ControlHandler | None = None
+        self._apps: dict[str, App] = {}
         self._streams: dict[Topic, _Stream] = {}
         self._subscribed: set[Topic] = set()
         self._channels: dict[tuple[str, str], Channel] = {}
         self._keys: dict[str, KeyRecord] = {}
         self._key_ids: dict[str, str] = {}
 
-    async def start(self, on_message: MessageHandler) -> None:
-        """Remember the handler; nothing to connect to."""
+    async def start(
+        self, on_message: MessageHandler, on_control: ControlHandler | None = None
+    ) -> None:
+        """Remember the handlers; nothing to connect to."""
         self._on_message = on_message
+        self._on_control = on_control
 
     async def close(self) -> None:
         """Stop delivering."""
         self._on_message = None
+        self._on_control = None
+
+    async def broadcast(self, event: dict[str, Any]) -> None:
+        """One process: the only worker is this one."""
+        if self._on_control is not None:
+            self._on_control(event)
 
     async def ping(self) -> None:
         """Always reachable while started."""
@@ -204,3 +217,32 @@ class MemoryEngine(Engine):
         """Look up by id."""
         key_hash = self._key_ids.get(key_id)
         return None if key_hash is None else self._keys.get(key_hash)
+
+    async def list_keys(self, app: str) -> list[KeyRecord]:
+        """Keys of ``app`` in creation order (dicts keep insertion order)."""
+        return [key for key in self._keys.values() if key.app == app]
+
+    async def delete_key(self, app: str, key_id: str) -> KeyRecord | None:
+        """Drop the key from both indexes."""
+        key_hash = self._key_ids.get(key_id)
+        key = None if key_hash is None else self._keys.get(key_hash)
+        if key is None or key.app != app:
+            return None
+        del self._key_ids[key_id]
+        del self._keys[key.key_hash]
+        return key
+
+    async def create_app(self, app: App) -> bool:
+        """Insert unless the name is taken."""
+        if app.name in self._apps:
+            return False
+        self._apps[app.name] = app
+        return True
+
+    async def get_app(self, name: str) -> App | None:
+        """Apps are immutable values: no copy needed."""
+        return self._apps.get(name)
+
+    async def list_apps(self) -> list[App]:
+        """Sorted by name."""
+        return [self._apps[name] for name in sorted(self._apps)]

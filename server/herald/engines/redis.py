@@ -7,9 +7,7 @@ so a topic's keys and its pub/sub channel live on one shard):
 - ``herald:T:m``  hash: ``epoch`` of this incarnation of the stream, ``dropped``
   (the newest id trimmed away)
 - ``herald:T``    the pub/sub channel; each message is ``<id> <body>``
-- ``herald:{app}:ch:<name>`` channel record (JSON), ``herald:{app}:chs`` zset of
-  names, ``herald:{app}:chn`` hash of message counts
-- ``herald:key:<sha256>`` key record (JSON), ``herald:keyids`` hash id → hash
+- records (channels, keys, apps): see `herald.engines.redis_records`
 
 Publishing is one Lua script: trim bookkeeping, XADD, PUBLISH of the same
 body, so the id exists before anyone receives the message. Pub/sub runs on
@@ -29,19 +27,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-import orjson
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from herald.engines.base import Engine, MessageHandler, decide_recovery
+from herald.engines.base import ControlHandler, Engine, MessageHandler, decide_recovery
 from herald.engines.redis_batch import PublishBatcher, Submission
+from herald.engines.redis_records import RedisRecords
 from herald.errors import Unavailable
 from herald.models import (
     Channel,
-    KeyRecord,
     Message,
     Recovery,
     StreamPosition,
@@ -113,6 +110,7 @@ return {meta[1], dropped, last, entries}
 _META_GRACE = 7 * 86400
 _BACKOFF_MAX = 5.0
 _CLOSE_TIMEOUT = 2.0
+_CONFIRM_TIMEOUT = 5.0  # seconds Redis has to confirm a SUBSCRIBE
 _CONTROL = b"herald:control"
 
 
@@ -160,7 +158,7 @@ class _Subscription:
     catching_up: list[Message] | None = None
 
 
-class RedisEngine(Engine):
+class RedisEngine(RedisRecords, Engine):
     """Engine backed by one Redis server (Redis >= 7)."""
 
     def __init__(self, url: str) -> None:
@@ -169,22 +167,27 @@ class RedisEngine(Engine):
         self._batcher = PublishBatcher(self.redis, _PUBLISH)
         self._recover_script = self.redis.register_script(_RECOVER)
         self._on_message: MessageHandler | None = None
+        self._on_control: ControlHandler | None = None
         self._subs: dict[bytes, _Subscription] = {}
         self._pubsub: PubSub | None = None
         self._listener: asyncio.Task[None] | None = None
         self._pubsub_client: Redis | None = None
+        self._confirming: dict[bytes, asyncio.Future[None]] = {}
         self._connected = asyncio.Event()
         self._closed = False
 
     # Lifecycle
 
-    async def start(self, on_message: MessageHandler) -> None:
+    async def start(
+        self, on_message: MessageHandler, on_control: ControlHandler | None = None
+    ) -> None:
         """Connect the pub/sub link, then keep it up (reconnecting) in the background.
 
         If Redis cannot be reached now, the worker still starts: it answers 503
         and reports not ready until the background reconnect succeeds.
         """
         self._on_message = on_message
+        self._on_control = on_control
         try:
             await self._connect_pubsub()
         except Exception as exc:
@@ -196,6 +199,7 @@ class RedisEngine(Engine):
         """Stop listening and close both connections (bounded: never hangs a shutdown)."""
         self._closed = True
         self._on_message = None
+        self._on_control = None
         if self._listener is not None:
             self._listener.cancel()
             # wait(), not await: the listener's own end (cancelled) must not look like ours.
@@ -211,13 +215,6 @@ class RedisEngine(Engine):
             raise Unavailable("the pub/sub link to Redis is down")
         async with self._guard():
             await self.redis.ping()
-
-    @contextlib.asynccontextmanager
-    async def _guard(self) -> Any:
-        try:
-            yield
-        except (RedisError, OSError) as exc:
-            raise Unavailable(f"Redis is unavailable: {type(exc).__name__}") from None
 
     # Messages
 
@@ -259,13 +256,23 @@ class RedisEngine(Engine):
         sub = self._subs[tag] = _Subscription(topic)
         try:
             async with self._guard():
-                if self._pubsub is not None:
-                    await self._pubsub.subscribe(tag)
+                pubsub = self._pubsub
+                if pubsub is not None:
+                    # Redis confirms a SUBSCRIBE on the link once it is in force; reading
+                    # the position before that could miss what is published meanwhile.
+                    confirmed = self._confirming[tag] = asyncio.get_running_loop().create_future()
+                    await pubsub.subscribe(tag)
+                    try:
+                        async with asyncio.timeout(_CONFIRM_TIMEOUT):
+                            await confirmed
+                    except TimeoutError:
+                        raise Unavailable("Redis did not confirm a subscription") from None
                 # Only what comes after this point is new to this worker's subscribers;
                 # a replay after a reconnect starts from here.
                 position = await self.position(topic)
         except BaseException:
             self._subs.pop(tag, None)
+            self._confirming.pop(tag, None)
             raise
         sub.last = max(sub.last, offset_key(position.offset))
 
@@ -338,11 +345,9 @@ class RedisEngine(Engine):
                 backoff = 0.05
                 assert self._pubsub is not None
                 while True:
-                    raw = await self._pubsub.get_message(
-                        ignore_subscribe_messages=True, timeout=None
-                    )
-                    if raw is not None and raw["type"] == "message":
-                        self._dispatch(raw["channel"], raw["data"])
+                    raw = await self._pubsub.get_message(timeout=None)
+                    if raw is not None:
+                        self._handle(raw)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any failure of the link: reconnect from scratch
@@ -365,6 +370,7 @@ class RedisEngine(Engine):
         pubsub = client.pubsub()
         # Always subscribed to the control channel, so the link exists even with no topics.
         await pubsub.subscribe(_CONTROL)
+        await self._confirmations(pubsub, {_CONTROL})
         # Set first: a subscribe() from now on goes straight to the new link.
         self._pubsub = pubsub
         done: set[bytes] = set()
@@ -372,6 +378,8 @@ class RedisEngine(Engine):
             for tag in batch:
                 self._subs[tag].catching_up = []
             await pubsub.subscribe(*batch)
+            # In force before the replay reads the streams: nothing falls in between.
+            await self._confirmations(pubsub, set(batch))
             done.update(batch)
         # Anything published while the link was down is in the streams: replay it.
         for tag in done:
@@ -380,6 +388,25 @@ class RedisEngine(Engine):
                 await self._catch_up(sub)
         self._connected.set()
         logger.info("pub/sub link to Redis up (%d topics)", len(done))
+
+    async def _confirmations(self, pubsub: PubSub, tags: set[bytes]) -> None:
+        """Read the link (the listener is not running) until Redis confirmed ``tags``."""
+        async with asyncio.timeout(_CONFIRM_TIMEOUT):
+            while tags:
+                raw = await pubsub.get_message(timeout=_CONFIRM_TIMEOUT)
+                if raw is not None:
+                    self._handle(raw)
+                    if raw["type"] == "subscribe":
+                        tags.discard(raw["channel"])
+
+    def _handle(self, raw: dict[str, Any]) -> None:
+        kind = raw["type"]
+        if kind == "message":
+            self._dispatch(raw["channel"], raw["data"])
+        elif kind == "subscribe":
+            confirmed = self._confirming.pop(raw["channel"], None)
+            if confirmed is not None and not confirmed.done():
+                confirmed.set_result(None)
 
     async def _catch_up(self, sub: _Subscription) -> None:
         since = f"{sub.last[0]}-{sub.last[1]}"
@@ -390,6 +417,11 @@ class RedisEngine(Engine):
 
     async def _drop_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
+        confirming, self._confirming = self._confirming, {}
+        for confirmed in confirming.values():
+            if not confirmed.done():
+                confirmed.set_exception(Unavailable("the pub/sub link to Redis is down"))
+                confirmed.exception()  # retrieved, even if its subscriber gave up waiting
         if pubsub is not None:
             with contextlib.suppress(Exception):
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
@@ -398,9 +430,21 @@ class RedisEngine(Engine):
             with contextlib.suppress(Exception):
                 await client.aclose()
 
+    async def broadcast(self, event: dict[str, Any]) -> None:
+        """PUBLISH on the control channel, which every worker's link listens to."""
+        async with self._guard():
+            await self.redis.publish(_CONTROL, msgpack.packb(event, use_bin_type=True))
+
     def _dispatch(self, channel: bytes, data: bytes) -> None:
         sub = self._subs.get(channel)
         if sub is None:
+            if channel == _CONTROL and self._on_control is not None:
+                try:
+                    event = msgpack.unpackb(data, raw=False)
+                except Exception:  # not ours; never let it take the link down
+                    logger.warning("ignored an unreadable control event")
+                    return
+                self._on_control(event)
             return
         unpacker = msgpack.Unpacker(raw=True)
         unpacker.feed(data)
@@ -419,83 +463,3 @@ class RedisEngine(Engine):
         sub.last = key
         if self._on_message is not None:
             self._on_message(message)
-
-    # Records
-
-    async def create_channel(self, channel: Channel) -> bool:
-        """SET NX the record, then index the name."""
-        app = channel.app
-        async with self._guard():
-            created = await self.redis.set(
-                f"herald:{{{app}}}:ch:{channel.name}", orjson.dumps(channel.to_record()), nx=True
-            )
-            if not created:
-                return False
-            await self.redis.zadd(f"herald:{{{app}}}:chs", {channel.name: 0})
-        return True
-
-    async def get_channel(self, app: str, name: str) -> Channel | None:
-        """The record and its message count in one round trip."""
-        async with self._guard(), self.redis.pipeline(transaction=False) as pipe:
-            pipe.get(f"herald:{{{app}}}:ch:{name}")
-            pipe.hget(f"herald:{{{app}}}:chn", name)
-            raw, count = await pipe.execute()
-        if raw is None:
-            return None
-        channel = Channel.from_record(orjson.loads(raw))
-        channel.messages = int(count or 0)
-        return channel
-
-    async def save_channel(self, channel: Channel) -> None:
-        """Overwrite the record (the count lives apart, so it is kept)."""
-        async with self._guard():
-            await self.redis.set(
-                f"herald:{{{channel.app}}}:ch:{channel.name}", orjson.dumps(channel.to_record())
-            )
-
-    async def list_channels(self, app: str, *, after: str | None, limit: int) -> list[Channel]:
-        """ZRANGEBYLEX over the name index, then the records."""
-        low = f"({after}" if after is not None else "-"
-        async with self._guard():
-            names: list[Any] = await self.redis.zrangebylex(
-                f"herald:{{{app}}}:chs", low, "+", 0, limit
-            )
-        channels = []
-        for name in names:
-            channel = await self.get_channel(app, name.decode())
-            if channel is not None:
-                channels.append(channel)
-        return channels
-
-    async def add_key(self, key: KeyRecord) -> None:
-        """Store by hash; a record with the same id is replaced."""
-        record = {
-            "id": key.id,
-            "app": key.app,
-            "scopes": list(key.scopes),
-            "key_hash": key.key_hash,
-            "name": key.name,
-            "created_at": key.created_at,
-        }
-        async with self._guard():
-            old: Any = await self.redis.hget("herald:keyids", key.id)
-            if old is not None and old.decode() != key.key_hash:
-                await self.redis.delete(f"herald:key:{old.decode()}")
-            await self.redis.set(f"herald:key:{key.key_hash}", orjson.dumps(record))
-            await self.redis.hset("herald:keyids", key.id, key.key_hash)
-
-    async def find_key(self, key_hash: str) -> KeyRecord | None:
-        """GET by hash."""
-        async with self._guard():
-            raw = await self.redis.get(f"herald:key:{key_hash}")
-        if raw is None:
-            return None
-        record = orjson.loads(raw)
-        record["scopes"] = tuple(record["scopes"])
-        return KeyRecord(**record)
-
-    async def find_key_by_id(self, key_id: str) -> KeyRecord | None:
-        """Follow the id index to the record."""
-        async with self._guard():
-            key_hash: Any = await self.redis.hget("herald:keyids", key_id)
-        return None if key_hash is None else await self.find_key(key_hash.decode())

@@ -1,0 +1,151 @@
+"""Records in Redis (channels, keys, apps): the half of the Redis engine that is plain storage.
+
+Layout: ``herald:{app}:ch:<name>`` channel record (JSON), ``herald:{app}:chs``
+zset of names, ``herald:{app}:chn`` hash of message counts;
+``herald:key:<sha256>`` key record (JSON), ``herald:keyids`` hash id → hash,
+``herald:{app}:keys`` set of the app's key ids; ``herald:apps`` hash name → app.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from herald.errors import Unavailable
+from herald.models import App, Channel, KeyRecord
+
+__all__ = ["RedisRecords"]
+
+
+class RedisRecords:
+    """Record storage; mixed into `RedisEngine`, which provides ``redis``."""
+
+    redis: Redis
+
+    @contextlib.asynccontextmanager
+    async def _guard(self) -> AsyncIterator[None]:
+        try:
+            yield
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"Redis is unavailable: {type(exc).__name__}") from None
+
+    async def create_channel(self, channel: Channel) -> bool:
+        """SET NX the record, then index the name."""
+        app = channel.app
+        async with self._guard():
+            created = await self.redis.set(
+                f"herald:{{{app}}}:ch:{channel.name}", orjson.dumps(channel.to_record()), nx=True
+            )
+            if not created:
+                return False
+            await self.redis.zadd(f"herald:{{{app}}}:chs", {channel.name: 0})
+        return True
+
+    async def get_channel(self, app: str, name: str) -> Channel | None:
+        """The record and its message count in one round trip."""
+        async with self._guard(), self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(f"herald:{{{app}}}:ch:{name}")
+            pipe.hget(f"herald:{{{app}}}:chn", name)
+            raw, count = await pipe.execute()
+        if raw is None:
+            return None
+        channel = Channel.from_record(orjson.loads(raw))
+        channel.messages = int(count or 0)
+        return channel
+
+    async def save_channel(self, channel: Channel) -> None:
+        """Overwrite the record (the count lives apart, so it is kept)."""
+        async with self._guard():
+            await self.redis.set(
+                f"herald:{{{channel.app}}}:ch:{channel.name}", orjson.dumps(channel.to_record())
+            )
+
+    async def list_channels(self, app: str, *, after: str | None, limit: int) -> list[Channel]:
+        """ZRANGEBYLEX over the name index, then the records."""
+        low = f"({after}" if after is not None else "-"
+        async with self._guard():
+            names: list[Any] = await self.redis.zrangebylex(
+                f"herald:{{{app}}}:chs", low, "+", 0, limit
+            )
+        channels = []
+        for name in names:
+            channel = await self.get_channel(app, name.decode())
+            if channel is not None:
+                channels.append(channel)
+        return channels
+
+    async def add_key(self, key: KeyRecord) -> None:
+        """Store by hash; a record with the same id is replaced."""
+        record = {
+            "id": key.id,
+            "app": key.app,
+            "scopes": list(key.scopes),
+            "key_hash": key.key_hash,
+            "name": key.name,
+            "created_at": key.created_at,
+        }
+        async with self._guard():
+            old: Any = await self.redis.hget("herald:keyids", key.id)
+            if old is not None and old.decode() != key.key_hash:
+                await self.redis.delete(f"herald:key:{old.decode()}")
+            await self.redis.set(f"herald:key:{key.key_hash}", orjson.dumps(record))
+            await self.redis.hset("herald:keyids", key.id, key.key_hash)
+            await self.redis.sadd(f"herald:{{{key.app}}}:keys", key.id)
+
+    async def find_key(self, key_hash: str) -> KeyRecord | None:
+        """GET by hash."""
+        async with self._guard():
+            raw = await self.redis.get(f"herald:key:{key_hash}")
+        if raw is None:
+            return None
+        record = orjson.loads(raw)
+        record["scopes"] = tuple(record["scopes"])
+        return KeyRecord(**record)
+
+    async def find_key_by_id(self, key_id: str) -> KeyRecord | None:
+        """Follow the id index to the record."""
+        async with self._guard():
+            key_hash: Any = await self.redis.hget("herald:keyids", key_id)
+        return None if key_hash is None else await self.find_key(key_hash.decode())
+
+    async def list_keys(self, app: str) -> list[KeyRecord]:
+        """The app's key ids, then their records; oldest first."""
+        async with self._guard():
+            ids: Any = await self.redis.smembers(f"herald:{{{app}}}:keys")
+        keys = [await self.find_key_by_id(key_id.decode()) for key_id in ids]
+        found = [key for key in keys if key is not None and key.app == app]
+        return sorted(found, key=lambda key: (key.created_at, key.id))
+
+    async def delete_key(self, app: str, key_id: str) -> KeyRecord | None:
+        """Remove the record and both index entries."""
+        key = await self.find_key_by_id(key_id)
+        if key is None or key.app != app:
+            return None
+        async with self._guard():
+            await self.redis.delete(f"herald:key:{key.key_hash}")
+            await self.redis.hdel("herald:keyids", key_id)
+            await self.redis.srem(f"herald:{{{app}}}:keys", key_id)
+        return key
+
+    async def create_app(self, app: App) -> bool:
+        """HSETNX in the apps hash."""
+        record = {"name": app.name, "token_secret": app.token_secret, "created_at": app.created_at}
+        async with self._guard():
+            return bool(await self.redis.hsetnx("herald:apps", app.name, orjson.dumps(record)))
+
+    async def get_app(self, name: str) -> App | None:
+        """HGET from the apps hash."""
+        async with self._guard():
+            raw: Any = await self.redis.hget("herald:apps", name)
+        return None if raw is None else App(**orjson.loads(raw))
+
+    async def list_apps(self) -> list[App]:
+        """Every app, sorted by name."""
+        async with self._guard():
+            raw: Any = await self.redis.hvals("herald:apps")
+        return sorted((App(**orjson.loads(r)) for r in raw), key=lambda app: app.name)
