@@ -13,7 +13,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from herald.auth import Principal
+from herald.auth import Principal, can_edit
 from herald.channels import parse_channel
 from herald.errors import BadRequest, HeraldError, PayloadTooLarge, Unauthorized, Unavailable
 from herald.models import Channel, parse_offset
@@ -142,11 +142,13 @@ def _query_offset(request: Request, name: str) -> str | None:
     return raw
 
 
-def channel_view(node: Node, channel: Channel) -> dict[str, Any]:
-    """A channel as the API shows it."""
+def channel_view(node: Node, channel: Channel, principal: Principal) -> dict[str, Any]:
+    """A channel as the API shows it; users also learn whether they may edit it."""
     record = channel.to_record()
     del record["app"], record["messages"]
     record["counts"] = node.counts(channel)
+    if principal.is_user:
+        record["you_can_edit"] = can_edit(principal, channel)
     return record
 
 
@@ -158,7 +160,7 @@ async def create_channel(request: Request) -> Response:
     channel = await node.create_channel(principal, channel)
     return respond(
         request,
-        channel_view(node, channel),
+        channel_view(node, channel, principal),
         201,
         headers={"Location": f"/v1/channels/{channel.name}"},
     )
@@ -178,7 +180,9 @@ async def list_channels(request: Request) -> Response:
         include_inactive=_query_bool(request, "include_inactive"),
         kind=kind,
     )
-    return respond(request, [channel_view(node, c) for c in channels], meta={"next": cursor})
+    return respond(
+        request, [channel_view(node, c, principal) for c in channels], meta={"next": cursor}
+    )
 
 
 async def get_channel(request: Request) -> Response:
@@ -186,7 +190,25 @@ async def get_channel(request: Request) -> Response:
     principal = await authenticate(request)
     node = _node(request)
     channel = await node.channel(principal, request.path_params["name"])
-    return respond(request, channel_view(node, channel))
+    return respond(request, channel_view(node, channel, principal))
+
+
+async def update_channel(request: Request) -> Response:
+    """``PUT``/``PATCH /v1/channels/{name}``: change the fields given (both are partial)."""
+    principal = await authenticate(request)
+    node = _node(request)
+    channel = await node.update_channel(
+        principal, request.path_params["name"], await read_body(request)
+    )
+    return respond(request, channel_view(node, channel, principal))
+
+
+async def close_channel(request: Request) -> Response:
+    """``DELETE /v1/channels/{name}``: close it for good; answers the closed channel."""
+    principal = await authenticate(request)
+    node = _node(request)
+    channel = await node.close_channel(principal, request.path_params["name"])
+    return respond(request, channel_view(node, channel, principal))
 
 
 async def publish(request: Request) -> Response:
@@ -314,6 +336,8 @@ routes = [
     Route("/v1/channels", create_channel, methods=["POST"]),
     Route("/v1/channels", list_channels, methods=["GET"]),
     Route("/v1/channels/{name}", get_channel, methods=["GET"]),
+    Route("/v1/channels/{name}", update_channel, methods=["PUT", "PATCH"]),
+    Route("/v1/channels/{name}", close_channel, methods=["DELETE"]),
     Route("/v1/channels/{name}/publish", publish, methods=["POST"]),
     Route("/v1/publish", publish_batch, methods=["POST"]),
     Route("/v1/channels/{name}/history", history, methods=["GET"]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 import orjson
@@ -10,7 +11,7 @@ from herald.config import Settings
 from herald.errors import BadRequest
 from herald.models import ACL, CHANNEL_TYPES, Channel, check_name
 
-__all__ = ["parse_channel", "parse_metadata", "payload_size"]
+__all__ = ["parse_channel", "parse_metadata", "payload_size", "update_channel"]
 
 _FIELDS = {
     "name",
@@ -38,27 +39,64 @@ def _positive_int(body: dict[str, Any], name: str, maximum: int) -> int | None:
 
 def parse_channel(body: object, app: str, settings: Settings) -> Channel:
     """A new channel from a ``POST /v1/channels`` body; `BadRequest` names the bad field."""
+    body = _object(body)
+    channel = Channel(app=app, name=check_name(body.get("name"), "name"))
+    kind = body.get("type", "default")
+    if kind not in CHANNEL_TYPES:
+        raise BadRequest("type must be 'default' or 'separate_rooms'", path="type")
+    channel.type = kind
+    _apply(channel, body, settings)
+    return channel
+
+
+def update_channel(channel: Channel, body: object, settings: Settings) -> None:
+    """Apply a ``PUT``/``PATCH`` body to ``channel`` (only the fields given change).
+
+    ``name`` and ``type`` are fixed at creation; an immutable ACL cannot change.
+    Nothing is applied unless everything is valid.
+    """
+    body = _object(body)
+    for fixed in ("name", "type"):
+        if fixed in body and body[fixed] != getattr(channel, fixed):
+            raise BadRequest(f"{fixed} is fixed when the channel is created", path=fixed)
+    for name in ("readers", "writers", "editors"):
+        acl: ACL = getattr(channel, name)
+        if name in body and acl.immutable and ACL.parse(body[name], name) != acl:
+            raise BadRequest(f"{name} is immutable", path=name)
+    draft = Channel.from_record(channel.to_record())
+    _apply(draft, body, settings, partial=True)
+    for field in fields(Channel):
+        setattr(channel, field.name, getattr(draft, field.name))
+
+
+_ACLS = ("readers", "writers", "editors")
+
+
+def _object(body: object) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise BadRequest("the body must be a JSON object")
     unknown = sorted(set(body) - _FIELDS)
     if unknown:
         raise BadRequest(f"unknown field {unknown[0]!r}", path=unknown[0])
-    channel = Channel(app=app, name=check_name(body.get("name"), "name"))
-    description = body.get("description", "")
-    if not isinstance(description, str) or len(description) > 1024:
-        raise BadRequest(
-            "description must be a string of at most 1024 characters", path="description"
-        )
-    channel.description = description
-    kind = body.get("type", "default")
-    if kind not in CHANNEL_TYPES:
-        raise BadRequest("type must be 'default' or 'separate_rooms'", path="type")
-    channel.type = kind
-    custom_publish = body.get("custom_publish", False)
-    if not isinstance(custom_publish, bool):
-        raise BadRequest("custom_publish must be a boolean", path="custom_publish")
-    channel.custom_publish = custom_publish
-    for name in ("readers", "writers", "editors"):
+    return body
+
+
+def _apply(
+    channel: Channel, body: dict[str, Any], settings: Settings, partial: bool = False
+) -> None:
+    if "description" in body or not partial:
+        description = body.get("description", "")
+        if not isinstance(description, str) or len(description) > 1024:
+            raise BadRequest(
+                "description must be a string of at most 1024 characters", path="description"
+            )
+        channel.description = description
+    if "custom_publish" in body or not partial:
+        custom_publish = body.get("custom_publish", False)
+        if not isinstance(custom_publish, bool):
+            raise BadRequest("custom_publish must be a boolean", path="custom_publish")
+        channel.custom_publish = custom_publish
+    for name in _ACLS:
         if name in body:
             setattr(channel, name, ACL.parse(body[name], name))
     if "annotations" in body:
@@ -66,9 +104,10 @@ def parse_channel(body: object, app: str, settings: Settings) -> Channel:
     size = _positive_int(body, "history_size", settings.max_history_size)
     if size is not None:
         channel.history_size = size
-    channel.history_ttl = _positive_int(body, "history_ttl", 10 * 365 * 86400)
-    channel.idle_timeout = _positive_int(body, "idle_timeout", 10 * 365 * 86400)
-    return channel
+    if "history_ttl" in body or not partial:
+        channel.history_ttl = _positive_int(body, "history_ttl", 10 * 365 * 86400)
+    if "idle_timeout" in body or not partial:
+        channel.idle_timeout = _positive_int(body, "idle_timeout", 10 * 365 * 86400)
 
 
 def parse_annotations(value: object, settings: Settings) -> list[dict[str, Any]]:

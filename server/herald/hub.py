@@ -90,6 +90,13 @@ class Hub:
         floor = offset_key(after)
         return [m for m in buffered if offset_key(m.id) > floor]
 
+    def drop(self, topic: Topic) -> list[Subscriber]:
+        """Forget a topic; every subscriber it had (live or catching up)."""
+        entry = self._topics.pop(topic, None)
+        if entry is None:
+            return []
+        return [*entry.json, *entry.msgpack, *entry.pending]
+
     def remove(self, topic: Topic, subscriber: Subscriber) -> None:
         """Forget a subscriber of ``topic`` (live or pending); no-op if absent."""
         entry = self._topics.get(topic)

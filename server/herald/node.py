@@ -12,11 +12,11 @@ import logging
 import os
 import socket
 from collections import defaultdict
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
-from herald.auth import Principal, can_publish, can_read, require_scope
+from herald.auth import Principal, can_edit, can_publish, can_read, require_scope
 from herald.cache import ChannelCache
-from herald.channels import parse_metadata, payload_size
+from herald.channels import parse_metadata, payload_size, update_channel
 from herald.config import Settings
 from herald.engines.base import Engine
 from herald.errors import (
@@ -79,6 +79,7 @@ class Node:
         self._locks: dict[Topic, asyncio.Lock] = {}
         self._channels = ChannelCache(engine.get_channel)
         self.identity = Identity(engine)
+        self._tasks: set[asyncio.Future[None]] = set()
         self.clients: set[Any] = set()
         """Open WebSocket connections of this worker (for keepalive and shutdown)."""
 
@@ -90,6 +91,26 @@ class Node:
 
     def _on_control(self, event: dict[str, Any]) -> None:
         self.identity.on_control(event)
+        kind = event.get("type")
+        if kind in ("channel_changed", "channel_closed"):
+            app, name = str(event.get("app")), str(event.get("name"))
+            self._channels.forget(app, name)
+            if kind == "channel_closed":
+                self._close_locally(app, name)
+
+    def _close_locally(self, app: str, name: str) -> None:
+        """Tell this worker's subscribers of a closed channel, and unsubscribe them."""
+        for topic in [t for t in self._refs if t.app == app and t.channel == name]:
+            frame = {"op": "closed", "channel": name, "room": topic.room}
+            for subscriber in self.hub.drop(topic):
+                # The hub holds what `subscribe` gave it: clients.
+                client = cast(Client, subscriber)
+                client.send(frame)
+                if topic in client.state.topics:
+                    client.state.topics.discard(topic)
+                    task = asyncio.ensure_future(self._release(topic))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
 
     async def stop(self) -> None:
         """Release the engine."""
@@ -129,6 +150,36 @@ class Node:
         channel = await self.channel(principal, name)
         if not can_read(principal, channel):
             raise Forbidden(f"this credential may not read channel {name!r}")
+        return channel
+
+    async def update_channel(self, principal: Principal, name: str, body: object) -> Channel:
+        """Change a channel's settings (owner, editors, admin keys); every worker sees it."""
+        channel = await self.channel(principal, name)
+        if not can_edit(principal, channel):
+            raise Forbidden(f"this credential may not edit channel {name!r}")
+        if channel.is_inactive:
+            raise Gone(f"channel {name!r} is closed")
+        update_channel(channel, body, self.settings)
+        await self.engine.save_channel(channel)
+        self._channels.forget(channel.app, name)  # here at once; elsewhere by the event
+        await self.engine.broadcast({"type": "channel_changed", "app": channel.app, "name": name})
+        return channel
+
+    async def close_channel(self, principal: Principal, name: str) -> Channel:
+        """Close a channel for good: no publishes, no new subscribers; live ones are told.
+
+        Idempotent: closing a closed channel answers it again.
+        """
+        channel = await self.channel(principal, name)
+        if not can_edit(principal, channel):
+            raise Forbidden(f"this credential may not close channel {name!r}")
+        if not channel.is_inactive:
+            channel.is_inactive = True
+            await self.engine.save_channel(channel)
+            self._channels.forget(channel.app, name)  # here at once; elsewhere by the event
+            await self.engine.broadcast(
+                {"type": "channel_closed", "app": channel.app, "name": name}
+            )
         return channel
 
     async def list_channels(
