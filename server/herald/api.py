@@ -157,10 +157,10 @@ async def create_channel(request: Request) -> Response:
     principal = await authenticate(request)
     node = _node(request)
     channel = parse_channel(await read_body(request), principal.app, node.settings)
-    channel = await node.create_channel(principal, channel)
+    channel, keys = await node.create_channel(principal, channel)
     return respond(
         request,
-        channel_view(node, channel, principal),
+        {**channel_view(node, channel, principal), "keys": keys},
         201,
         headers={"Location": f"/v1/channels/{channel.name}"},
     )

@@ -20,6 +20,7 @@ from herald.errors import Forbidden, Unauthorized
 from herald.models import ACL, App, Channel, KeyRecord
 
 __all__ = [
+    "CHANNEL_KEYS",
     "SCOPES",
     "Principal",
     "can_edit",
@@ -41,14 +42,27 @@ SCOPES = ("admin", "publish", "subscribe")
 _ALGORITHM = "HS256"
 
 
+CHANNEL_KEYS = ("admin_key", "subscriber_key", "ref")
+"""The keys made with each channel: manage it, subscribe to it, publish to it."""
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is asking: an app key (``kind="key"``) or an app's user (``kind="user"``)."""
+    """Who is asking: an app key (``kind="key"``) or an app's user (``kind="user"``).
+
+    A channel key is a key whose only scope is one of `CHANNEL_KEYS`, valid on
+    ``channel`` alone.
+    """
 
     app: str
     kind: str
     id: str
     scopes: tuple[str, ...] = ()
+    channel: str | None = None
+
+    def holds(self, channel_key: str, channel: Channel) -> bool:
+        """Whether this is that channel key of that channel."""
+        return self.channel == channel.name and channel_key in self.scopes
 
     @property
     def author(self) -> dict[str, str]:
@@ -83,7 +97,8 @@ def principal_for_key(key: str, record: KeyRecord | None) -> Principal:
     """
     if record is None or not hmac.compare_digest(record.key_hash, hash_key(key)):
         raise Unauthorized("invalid credentials")
-    return Principal(app=record.app, kind="key", id=record.id, scopes=record.scopes)
+    channel = record.name if record.scopes[0] in CHANNEL_KEYS else None
+    return Principal(record.app, "key", record.id, record.scopes, channel)
 
 
 def looks_like_token(credential: str) -> bool:
@@ -150,9 +165,9 @@ def _owns(principal: Principal, channel: Channel) -> bool:
 
 
 def can_edit(principal: Principal, channel: Channel) -> bool:
-    """Admin keys; users who own the channel or are among its editors."""
+    """Admin keys and the channel's admin_key; users who own it or are among its editors."""
     if not principal.is_user:
-        return principal.has("admin")
+        return principal.has("admin") or principal.holds("admin_key", channel)
     return _owns(principal, channel) or _allows(channel.editors, principal)
 
 
@@ -160,7 +175,9 @@ def can_read(principal: Principal, channel: Channel) -> bool:
     """Subscribe and read history: admin keys; subscribe keys where anyone
     authenticated may read; users the readers ACL names, owners and editors."""
     if not principal.is_user:
-        if principal.has("admin"):
+        if principal.has("admin") or principal.holds("subscriber_key", channel):
+            return True
+        if principal.holds("admin_key", channel):
             return True
         readers = channel.readers
         return "subscribe" in principal.scopes and (readers.public or readers.any_user)
@@ -168,10 +185,15 @@ def can_read(principal: Principal, channel: Channel) -> bool:
 
 
 def can_publish(principal: Principal, channel: Channel) -> bool:
-    """Server keys with the publish scope always; users only on ``custom_publish``
-    channels whose writers ACL lets them (or that they own)."""
+    """Server keys with the publish scope and the channel's ref and admin_key always;
+    users only on ``custom_publish`` channels whose writers ACL lets them (or that
+    they own)."""
     if not principal.is_user:
-        return principal.has("publish")
+        return (
+            principal.has("publish")
+            or principal.holds("ref", channel)
+            or principal.holds("admin_key", channel)
+        )
     if not channel.custom_publish:
         return False
     return _owns(principal, channel) or _allows(channel.writers, principal)

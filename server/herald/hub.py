@@ -32,7 +32,7 @@ class Subscriber(Protocol):
 
 
 class _Topic:
-    __slots__ = ("json", "msgpack", "pending")
+    __slots__ = ("floors", "json", "msgpack", "pending")
 
     def __init__(self) -> None:
         # Dicts, not lists or sets: O(1) removal and a stable, insertion-ordered walk.
@@ -40,6 +40,10 @@ class _Topic:
         self.msgpack: dict[Subscriber, None] = {}
         # Subscribers still replaying history: live messages wait here until they are caught up.
         self.pending: dict[Subscriber, list[Message]] = {}
+        # Subscribers made live after a replay up to some id: a message at or below it
+        # that the broker delivers late was in the replay already. Cleared by the first
+        # message past it (a topic's messages arrive in order).
+        self.floors: dict[Subscriber, tuple[int, int]] = {}
 
     def empty(self) -> bool:
         return not (self.json or self.msgpack or self.pending)
@@ -88,6 +92,7 @@ class Hub:
         live = entry.json if subscriber.encoding is Encoding.JSON else entry.msgpack
         live[subscriber] = None
         floor = offset_key(after)
+        entry.floors[subscriber] = floor
         return [m for m in buffered if offset_key(m.id) > floor]
 
     def drop(self, topic: Topic) -> list[Subscriber]:
@@ -102,6 +107,7 @@ class Hub:
         entry = self._topics.get(topic)
         if entry is None:
             return
+        entry.floors.pop(subscriber, None)
         if entry.pending.pop(subscriber, None) is None:
             live = entry.json if subscriber.encoding is Encoding.JSON else entry.msgpack
             live.pop(subscriber, None)
@@ -115,6 +121,9 @@ class Hub:
             return
         for buffered in entry.pending.values():
             buffered.append(message)
+        if entry.floors:
+            self._deliver_past_floors(entry, message)
+            return
         if entry.json:
             frame = frame_bytes(message, Encoding.JSON)
             for subscriber in entry.json:
@@ -123,6 +132,18 @@ class Hub:
             frame = frame_bytes(message, Encoding.MSGPACK)
             for subscriber in entry.msgpack:
                 subscriber.push(frame)
+
+    def _deliver_past_floors(self, entry: _Topic, message: Message) -> None:
+        """The slow path, taken only just after a replay: skip what was replayed."""
+        key = offset_key(message.id)
+        skip = {s for s, floor in entry.floors.items() if key <= floor}
+        entry.floors = {s: floor for s, floor in entry.floors.items() if key <= floor}
+        for live, encoding in ((entry.json, Encoding.JSON), (entry.msgpack, Encoding.MSGPACK)):
+            if live:
+                frame = frame_bytes(message, encoding)
+                for subscriber in live:
+                    if subscriber not in skip:
+                        subscriber.push(frame)
 
     def schedule_flush(self, subscriber: Subscriber) -> None:
         """Have ``subscriber.flush()`` called once, at the next flush of the hub.

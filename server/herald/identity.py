@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from herald.auth import (
+    CHANNEL_KEYS,
     SCOPES,
     Principal,
     hash_key,
@@ -25,7 +26,7 @@ from herald.auth import (
 )
 from herald.engines.base import Engine
 from herald.errors import BadRequest, Conflict, Forbidden, NotFound
-from herald.models import App, KeyRecord, check_name
+from herald.models import App, Channel, KeyRecord, check_name
 
 __all__ = [
     "BOOTSTRAP_APP",
@@ -176,9 +177,27 @@ class Identity:
         return record, key
 
     async def list_keys(self, principal: Principal) -> list[KeyRecord]:
-        """The keys of the principal's app (never their secrets)."""
+        """The app keys of the principal's app (never their secrets; no channel keys)."""
         require_scope(principal, "admin")
-        return await self.engine.list_keys(principal.app)
+        keys = await self.engine.list_keys(principal.app)
+        return [key for key in keys if key.scopes[0] not in CHANNEL_KEYS]
+
+    async def channel_keys(self, channel: Channel) -> dict[str, str]:
+        """Make the three keys of a new channel; answers them (this once)."""
+        keys = {}
+        for kind in CHANNEL_KEYS:
+            key = new_key()
+            await self.engine.add_key(
+                KeyRecord(
+                    id=f"ch_{secrets.token_hex(6)}",
+                    app=channel.app,
+                    scopes=(kind,),
+                    key_hash=hash_key(key),
+                    name=channel.name,
+                )
+            )
+            keys[kind] = key
+        return keys
 
     async def delete_key(self, principal: Principal, key_id: str) -> KeyRecord:
         """Delete a key; it stops working on every worker at once."""

@@ -124,25 +124,30 @@ class Node:
 
     # Channels
 
-    async def create_channel(self, principal: Principal, channel: Channel) -> Channel:
-        """Store a new channel of the principal's app; `Conflict` if the name is taken.
+    async def create_channel(
+        self, principal: Principal, channel: Channel
+    ) -> tuple[Channel, dict[str, str]]:
+        """Store a new channel of the principal's app, and make its keys (shown once).
 
         Admin keys and users may create channels; the creator is the owner.
+        `Conflict` if the name is taken.
         """
         if not principal.is_user:
             require_scope(principal, "admin")
         channel.owner = principal.author
         if not await self.engine.create_channel(channel):
             raise Conflict(f"channel {channel.name!r} exists already", path="name")
-        return channel
+        return channel, await self.identity.channel_keys(channel)
 
     async def channel(self, principal: Principal, name: str) -> Channel:
         """A channel of the principal's app, or `NotFound`; users must be able to read it."""
         channel = await self.engine.get_channel(principal.app, name)
         if channel is None:
             raise NotFound("Not found")
-        if principal.is_user and not can_read(principal, channel):
-            raise Forbidden(f"you may not read channel {name!r}")
+        if (principal.is_user or principal.channel) and not (
+            can_read(principal, channel) or can_edit(principal, channel)
+        ):
+            raise Forbidden(f"this credential may not read channel {name!r}")
         return channel
 
     async def readable(self, principal: Principal, name: str) -> Channel:
@@ -200,7 +205,9 @@ class Node:
                 if (
                     (include_inactive or not channel.is_inactive)
                     and kind in (None, channel.type)
-                    and (not principal.is_user or can_read(principal, channel))
+                    and (
+                        not (principal.is_user or principal.channel) or can_read(principal, channel)
+                    )
                 ):
                     found.append(channel)
                     if len(found) == limit:

@@ -229,3 +229,42 @@ async def test_a_deleted_key_stops_on_every_worker_at_once(
             assert {r.status_code for r in statuses} == {401}
     finally:
         server.stop()
+
+
+def test_channel_keys_work_on_their_channel_only(http: httpx.Client, channel_name: str) -> None:
+    created = http.post("/v1/channels", json={"name": channel_name})
+    assert created.status_code == 201
+    keys = created.json()["data"]["keys"]
+    assert set(keys) == {"admin_key", "subscriber_key", "ref"}
+    assert len(set(keys.values())) == 3
+    other = f"{channel_name}-other"
+    _channel(http, other)
+    # Shown once: neither the channel nor the key listing gives them back.
+    assert "keys" not in http.get(f"/v1/channels/{channel_name}").json()["data"]
+    listing = http.get("/v1/keys").text
+    assert not any(key in listing for key in keys.values())
+    assert not any(k["scopes"][0] in keys for k in http.get("/v1/keys").json()["data"])
+
+    url = f"/v1/channels/{channel_name}"
+    ref, sub, admin = _as(keys["ref"]), _as(keys["subscriber_key"]), _as(keys["admin_key"])
+    assert http.post(f"{url}/publish", json={"payload": 1}, headers=ref).status_code == 201
+    assert http.get(f"{url}/history", headers=ref).status_code == 403
+    assert http.post(f"{url}/publish", json={"payload": 1}, headers=sub).status_code == 403
+    assert http.get(f"{url}/history", headers=sub).status_code == 200
+    assert http.patch(url, json={"description": "x"}, headers=sub).status_code == 403
+    assert http.patch(url, json={"description": "x"}, headers=admin).status_code == 200
+    # Another channel of the same app: nothing.
+    for credential in (ref, sub, admin):
+        assert (
+            http.post(
+                f"/v1/channels/{other}/publish", json={"payload": 1}, headers=credential
+            ).status_code
+            == 403
+        )
+        assert http.get(f"/v1/channels/{other}/history", headers=credential).status_code == 403
+        assert (
+            http.post("/v1/channels", json={"name": f"{other}-x"}, headers=credential).status_code
+            == 403
+        )
+        assert http.post("/v1/tokens", json={"user_id": "u"}, headers=credential).status_code == 403
+    assert http.delete(url, headers=admin).status_code == 200

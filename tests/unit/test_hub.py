@@ -272,3 +272,24 @@ async def test_schedule_flush_flushes_once_per_loop_iteration() -> None:
     hub.schedule_flush(busy)
     await asyncio.sleep(0)
     assert (busy.flushes, quiet.flushes) == (2, 1)
+
+
+def _ids(subscriber: Recorder) -> list[int]:
+    return [orjson.loads(payload_of(frame))["payload"]["n"] for frame in subscriber.frames]
+
+
+def test_a_late_broker_delivery_of_a_replayed_message_is_not_sent_twice() -> None:
+    # The broker may hand over a message after the replay (read elsewhere) already
+    # included it; the just-activated subscriber must not get it again, others must.
+    hub = Hub()
+    steady, fresh = Recorder(Encoding.JSON), Recorder(Encoding.JSON)
+    live(hub, NEWS, steady)
+    hub.begin(NEWS, fresh)
+    assert hub.activate(NEWS, fresh, "1000-5") == []  # replayed up to 1000-5
+    for seq in (4, 5, 6, 7):
+        hub.deliver(message(seq))
+    assert _ids(steady) == [4, 5, 6, 7]
+    assert _ids(fresh) == [6, 7]
+    # Past the floor the fast path is back, with no floor left to check.
+    hub.deliver(message(3))
+    assert _ids(fresh) == [6, 7, 3]
