@@ -220,7 +220,11 @@ async def publish(request: Request) -> Response:
     if "channel" in body:
         raise BadRequest("unknown field 'channel': the channel is in the path", path="channel")
     item = {**body, "channel": request.path_params["name"]}
-    message = await _node(request).publish_item(principal, item)
+    idempotency_key = request.headers.get("idempotency-key")
+    if idempotency_key is None:
+        message = await _node(request).publish_item(principal, item)
+    else:
+        message = await _node(request).publish_once(principal, item, idempotency_key)
     return respond(request, message.to_api(), 201)
 
 

@@ -14,6 +14,8 @@ import socket
 from collections import defaultdict
 from typing import Any, Protocol, cast
 
+import msgpack
+
 from herald.auth import Principal, can_edit, can_publish, can_read, require_scope
 from herald.cache import ChannelCache
 from herald.channels import parse_metadata, payload_size, update_channel
@@ -38,6 +40,8 @@ __all__ = ["Client", "Node"]
 logger = logging.getLogger("herald.node")
 
 _ITEM_FIELDS = {"channel", "payload", "room", "metadata", "audience"}
+_IDEMPOTENCY_TTL = 600  # seconds a retry with the same Idempotency-Key gets the first answer
+_PENDING = b"\x00pending"
 
 
 def _parse_item(item: Any) -> tuple[str, Any, object, object]:
@@ -292,6 +296,28 @@ class Node:
     async def publish_item(self, principal: Principal, item: Any) -> Message:
         """Validate one publish request object (as a batch item) and publish it."""
         return await self.engine.publish(*await self._prepare(principal, *_parse_item(item)))
+
+    async def publish_once(self, principal: Principal, item: Any, idempotency_key: str) -> Message:
+        """`publish_item`, unless a request with this key from this caller was published
+        in the last 10 minutes: then the first message, and nothing new is published."""
+        if not 0 < len(idempotency_key) <= 255 or not idempotency_key.isprintable():
+            raise BadRequest(
+                "Idempotency-Key must be 1-255 printable characters", path="Idempotency-Key"
+            )
+        key = f"idem|{principal.app}|{principal.kind}|{principal.id}|{idempotency_key}"
+        held = await self.engine.put_if_absent(key, _PENDING, _IDEMPOTENCY_TTL)
+        if held == _PENDING:
+            raise Conflict("a request with this Idempotency-Key is still in progress")
+        if held is not None:
+            return Message.from_record(msgpack.unpackb(held, raw=False))
+        try:
+            message = await self.publish_item(principal, item)
+        except BaseException:
+            await self.engine.forget(key)  # it failed: a retry may try again
+            raise
+        record = msgpack.packb(message.to_record(), use_bin_type=True)
+        await self.engine.put(key, record, _IDEMPOTENCY_TTL)
+        return message
 
     async def history(
         self,

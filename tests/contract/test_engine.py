@@ -521,3 +521,17 @@ async def test_add_key_with_same_id_replaces_it(engine: Engine, app: str) -> Non
     assert await engine.find_key(digest(app, 1)) is None
     assert await engine.find_key(digest(app, 2)) == new
     assert await engine.find_key_by_id(f"{app}-1") == new
+
+
+async def test_put_if_absent_holds_one_value_per_key(engine: Engine, app: str) -> None:
+    key = f"{app}/idem"
+    assert await engine.put_if_absent(key, b"first", 60) is None
+    assert await engine.put_if_absent(key, b"second", 60) == b"first"
+    await engine.put(key, b"final", 60)
+    assert await engine.put_if_absent(key, b"third", 60) == b"final"
+    await engine.forget(key)
+    assert await engine.put_if_absent(key, b"fourth", 60) is None
+    short = f"{app}/short"
+    assert await engine.put_if_absent(short, b"x", 1) is None
+    await asyncio.sleep(scaled(1.2))  # expiry is a matter of the clock
+    assert await engine.put_if_absent(short, b"y", 60) is None

@@ -97,3 +97,25 @@ def test_batch_body_errors(http: httpx.Client) -> None:
 def test_batch_needs_credentials(server: ServerProcess) -> None:
     response = httpx.post(f"{server.url}/v1/publish", json=[], trust_env=False)
     assert response.status_code == 401
+
+
+def test_idempotency_key_makes_retries_safe(http: httpx.Client, channel_name: str) -> None:
+    _create(http, channel_name)
+    url = f"/v1/channels/{channel_name}/publish"
+    first = http.post(url, json={"payload": "once"}, headers={"Idempotency-Key": "order-1"})
+    assert first.status_code == 201
+    retry = http.post(url, json={"payload": "once"}, headers={"Idempotency-Key": "order-1"})
+    assert retry.status_code == 201
+    assert retry.json()["data"] == first.json()["data"]
+    other = http.post(url, json={"payload": "twice"}, headers={"Idempotency-Key": "order-2"})
+    assert other.json()["data"]["id"] != first.json()["data"]["id"]
+    plain = http.post(url, json={"payload": "plain"})
+    assert plain.status_code == 201
+    assert _history_payloads(http, channel_name) == ["once", "twice", "plain"]
+    # A failed publish is not remembered: fixing the request and retrying works.
+    bad = http.post(url, json={"payload": "x", "room": "r"}, headers={"Idempotency-Key": "k3"})
+    assert bad.status_code == 400
+    good = http.post(url, json={"payload": "fixed"}, headers={"Idempotency-Key": "k3"})
+    assert good.status_code == 201
+    too_long = http.post(url, json={"payload": 1}, headers={"Idempotency-Key": "k" * 256})
+    assert too_long.status_code == 400

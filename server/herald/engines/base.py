@@ -150,6 +150,19 @@ class Engine(ABC):
         """Remove a key of ``app``; the removed record, or ``None`` if there was none."""
 
     @abstractmethod
+    async def put_if_absent(self, key: str, value: bytes, ttl: int) -> bytes | None:
+        """Hold ``value`` under ``key`` for ``ttl`` seconds unless the key is held already;
+        ``None`` when stored, else the value held (atomic: one caller wins)."""
+
+    @abstractmethod
+    async def put(self, key: str, value: bytes, ttl: int) -> None:
+        """Hold ``value`` under ``key`` for ``ttl`` seconds, whatever was there."""
+
+    @abstractmethod
+    async def forget(self, key: str) -> None:
+        """Drop ``key`` (no-op if absent)."""
+
+    @abstractmethod
     async def create_app(self, app: App) -> bool:
         """Store a new app; ``False`` (and nothing stored) when the name is taken."""
 

@@ -64,6 +64,7 @@ class MemoryEngine(Engine):
         self._on_message: MessageHandler | None = None
         self._on_control: ControlHandler | None = None
         self._apps: dict[str, App] = {}
+        self._values: dict[str, tuple[float, bytes]] = {}
         self._streams: dict[Topic, _Stream] = {}
         self._subscribed: set[Topic] = set()
         self._channels: dict[tuple[str, str], Channel] = {}
@@ -246,3 +247,27 @@ class MemoryEngine(Engine):
     async def list_apps(self) -> list[App]:
         """Sorted by name."""
         return [self._apps[name] for name in sorted(self._apps)]
+
+    def _held(self, key: str) -> bytes | None:
+        entry = self._values.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= time.monotonic():
+            del self._values[key]
+            return None
+        return entry[1]
+
+    async def put_if_absent(self, key: str, value: bytes, ttl: int) -> bytes | None:
+        """One process, no await between check and set: atomic."""
+        held = self._held(key)
+        if held is None:
+            self._values[key] = (time.monotonic() + ttl, value)
+        return held
+
+    async def put(self, key: str, value: bytes, ttl: int) -> None:
+        """Overwrite."""
+        self._values[key] = (time.monotonic() + ttl, value)
+
+    async def forget(self, key: str) -> None:
+        """Drop."""
+        self._values.pop(key, None)

@@ -149,3 +149,19 @@ class RedisRecords:
         async with self._guard():
             raw: Any = await self.redis.hvals("herald:apps")
         return sorted((App(**orjson.loads(r)) for r in raw), key=lambda app: app.name)
+
+    async def put_if_absent(self, key: str, value: bytes, ttl: int) -> bytes | None:
+        """SET NX GET (Redis >= 7): the old value, or None when this call stored it."""
+        async with self._guard():
+            held: Any = await self.redis.set(f"herald:kv:{key}", value, ex=ttl, nx=True, get=True)
+        return None if held is None else bytes(held)
+
+    async def put(self, key: str, value: bytes, ttl: int) -> None:
+        """SET EX."""
+        async with self._guard():
+            await self.redis.set(f"herald:kv:{key}", value, ex=ttl)
+
+    async def forget(self, key: str) -> None:
+        """DEL."""
+        async with self._guard():
+            await self.redis.delete(f"herald:kv:{key}")
