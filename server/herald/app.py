@@ -40,11 +40,12 @@ def create_app(settings: Settings) -> ASGIApp:
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         node = Node(settings, make_engine(settings))
         await node.start()
-        pinger = asyncio.create_task(keepalive(node))
+        chores = [asyncio.create_task(keepalive(node)), asyncio.create_task(node.sweep_idle())]
         try:
             yield {"node": node}
         finally:
-            pinger.cancel()
+            for chore in chores:
+                chore.cancel()
             await node.stop()
 
     return HotPaths(Starlette(routes=routes, exception_handlers=error_handlers, lifespan=lifespan))

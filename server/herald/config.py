@@ -65,6 +65,9 @@ class Settings:
     ping_interval: float = 25.0
     """Seconds between transport pings; a peer silent for two intervals is dropped. Default 25."""
 
+    idle_sweep_interval: float = 1.0
+    """Seconds between looks for channels past their ``idle_timeout``. Default 1."""
+
     max_bad_frames: int = 3
     """Consecutive bad frames before close 4000. Default 3."""
 

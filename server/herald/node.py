@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections import defaultdict
 from typing import Any, Protocol, cast
 
@@ -141,6 +142,8 @@ class Node:
         channel.owner = principal.author
         if not await self.engine.create_channel(channel):
             raise Conflict(f"channel {channel.name!r} exists already", path="name")
+        if channel.idle_timeout:
+            await self._touch_idle(channel)
         return channel, await self.identity.channel_keys(channel)
 
     async def channel(self, principal: Principal, name: str) -> Channel:
@@ -170,6 +173,7 @@ class Node:
             raise Gone(f"channel {name!r} is closed")
         update_channel(channel, body, self.settings)
         await self.engine.save_channel(channel)
+        await self._touch_idle(channel)
         self._channels.forget(channel.app, name)  # here at once; elsewhere by the event
         await self.engine.broadcast({"type": "channel_changed", "app": channel.app, "name": name})
         return channel
@@ -182,14 +186,39 @@ class Node:
         channel = await self.channel(principal, name)
         if not can_edit(principal, channel):
             raise Forbidden(f"this credential may not close channel {name!r}")
-        if not channel.is_inactive:
-            channel.is_inactive = True
-            await self.engine.save_channel(channel)
-            self._channels.forget(channel.app, name)  # here at once; elsewhere by the event
-            await self.engine.broadcast(
-                {"type": "channel_closed", "app": channel.app, "name": name}
-            )
+        await self._close(channel)
         return channel
+
+    async def _close(self, channel: Channel) -> None:
+        if channel.is_inactive:
+            return
+        channel.is_inactive = True
+        await self.engine.save_channel(channel)
+        await self.engine.touch_idle(channel.app, channel.name, None)
+        self._channels.forget(channel.app, channel.name)  # here at once; elsewhere by the event
+        await self.engine.broadcast(
+            {"type": "channel_closed", "app": channel.app, "name": channel.name}
+        )
+
+    async def sweep_idle(self) -> None:
+        """Close channels that went ``idle_timeout`` seconds without a publish.
+
+        Runs on every worker; the engine hands each due channel to one of them.
+        """
+        while True:
+            await asyncio.sleep(self.settings.idle_sweep_interval)
+            try:
+                for app, name in await self.engine.claim_idle(time.time()):
+                    channel = await self.engine.get_channel(app, name)
+                    if channel is not None:
+                        logger.info("closing channel %s/%s: idle", app, name)
+                        await self._close(channel)
+            except HeraldError as exc:  # the engine is away: try again next round
+                logger.warning("idle sweep skipped: %s", exc.detail)
+
+    async def _touch_idle(self, channel: Channel) -> None:
+        deadline = time.time() + channel.idle_timeout if channel.idle_timeout else None
+        await self.engine.touch_idle(channel.app, channel.name, deadline)
 
     async def list_channels(
         self,
@@ -243,7 +272,10 @@ class Node:
     ) -> Message:
         """Validate, store in history and hand to the broker. Never waits for subscribers."""
         channel, message = await self._prepare(principal, name, payload, room, metadata)
-        return await self.engine.publish(channel, message)
+        stored = await self.engine.publish(channel, message)
+        if channel.idle_timeout:
+            await self._touch_idle(channel)
+        return stored
 
     async def _prepare(
         self, principal: Principal, name: str, payload: Any, room: object, metadata: object
@@ -291,11 +323,15 @@ class Node:
             except HeraldError as exc:
                 results.append(exc)
         stored = iter(await self.engine.publish_many(accepted))
+        idle = {(c.app, c.name): c for c, _ in accepted if c.idle_timeout}
+        for channel in idle.values():
+            await self._touch_idle(channel)
         return [next(stored) if result is None else result for result in results]
 
     async def publish_item(self, principal: Principal, item: Any) -> Message:
         """Validate one publish request object (as a batch item) and publish it."""
-        return await self.engine.publish(*await self._prepare(principal, *_parse_item(item)))
+        channel, payload, room, metadata = _parse_item(item)
+        return await self.publish(principal, channel, payload=payload, room=room, metadata=metadata)
 
     async def publish_once(self, principal: Principal, item: Any, idempotency_key: str) -> Message:
         """`publish_item`, unless a request with this key from this caller was published

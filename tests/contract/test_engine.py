@@ -535,3 +535,17 @@ async def test_put_if_absent_holds_one_value_per_key(engine: Engine, app: str) -
     assert await engine.put_if_absent(short, b"x", 1) is None
     await asyncio.sleep(scaled(1.2))  # expiry is a matter of the clock
     assert await engine.put_if_absent(short, b"y", 60) is None
+
+
+async def test_idle_deadlines_are_claimed_once(engine: Engine, app: str) -> None:
+    await engine.touch_idle(app, "quiet", 100.0)
+    await engine.touch_idle(app, "busy", 300.0)
+    await engine.touch_idle(app, "cleared", 100.0)
+    await engine.touch_idle(app, "cleared", None)
+    mine = [c for c in await engine.claim_idle(200.0) if c[0] == app]
+    assert mine == [(app, "quiet")]
+    assert [c for c in await engine.claim_idle(200.0) if c[0] == app] == []
+    # A publish moves the deadline on: the channel is not due any more.
+    await engine.touch_idle(app, "busy", 500.0)
+    assert [c for c in await engine.claim_idle(400.0) if c[0] == app] == []
+    assert [c for c in await engine.claim_idle(600.0) if c[0] == app] == [(app, "busy")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -141,3 +142,41 @@ async def test_closed_frame_reaches_msgpack_and_room_subscribers(
         await client.subscribe(channel_name, room="r1")
         assert (await api.http.delete(f"/v1/channels/{channel_name}")).status_code == 200
         assert await client.recv() == {"op": "closed", "channel": channel_name, "room": "r1"}
+
+
+async def test_an_idle_channel_closes_itself_once_on_every_worker(
+    tmp_path: Path, fresh_redis: RedisProcess, channel_name: str
+) -> None:
+    server = start_server(
+        tmp_path,
+        "--redis",
+        fresh_redis.url,
+        "--workers",
+        "2",
+        env={"HERALD_IDLE_SWEEP_INTERVAL": "0.2"},
+    )
+    try:
+        async with AsyncExitStack() as stack:
+            api = await stack.enter_async_context(open_api(server))
+            await api.create_channel(channel_name, idle_timeout=2)
+            first, second = await _clients_on_distinct_workers(stack, server, 2)
+            await first.subscribe(channel_name)
+            await second.subscribe(channel_name)
+            # Publishing keeps it open past its first deadline.
+            for _ in range(3):
+                await api.publish(channel_name, "keep-alive")
+                await asyncio.sleep(1)
+            assert (await api.http.get(f"/v1/channels/{channel_name}")).json()["data"][
+                "is_inactive"
+            ] is False
+            # Then silence: both workers' subscribers are told, once.
+            for client in (first, second):
+                await client.messages(3)
+                frame = await client.recv(timeout=10)
+                assert frame == {"op": "closed", "channel": channel_name, "room": ""}
+                await client.assert_idle()
+            channel = (await api.http.get(f"/v1/channels/{channel_name}")).json()["data"]
+            assert channel["is_inactive"] is True
+        assert server.log().count(f"closing channel default/{channel_name}: idle") == 1
+    finally:
+        server.stop()

@@ -150,6 +150,15 @@ class Engine(ABC):
         """Remove a key of ``app``; the removed record, or ``None`` if there was none."""
 
     @abstractmethod
+    async def touch_idle(self, app: str, name: str, deadline: float | None) -> None:
+        """Set (unix time) or clear (``None``) when a channel closes for want of publishes."""
+
+    @abstractmethod
+    async def claim_idle(self, now: float) -> list[tuple[str, str]]:
+        """(app, name) of channels whose idle deadline passed; each is handed to exactly
+        one caller, across every worker, and forgotten."""
+
+    @abstractmethod
     async def put_if_absent(self, key: str, value: bytes, ttl: int) -> bytes | None:
         """Hold ``value`` under ``key`` for ``ttl`` seconds unless the key is held already;
         ``None`` when stored, else the value held (atomic: one caller wins)."""

@@ -65,6 +65,7 @@ class MemoryEngine(Engine):
         self._on_control: ControlHandler | None = None
         self._apps: dict[str, App] = {}
         self._values: dict[str, tuple[float, bytes]] = {}
+        self._idle: dict[tuple[str, str], float] = {}
         self._streams: dict[Topic, _Stream] = {}
         self._subscribed: set[Topic] = set()
         self._channels: dict[tuple[str, str], Channel] = {}
@@ -271,3 +272,17 @@ class MemoryEngine(Engine):
     async def forget(self, key: str) -> None:
         """Drop."""
         self._values.pop(key, None)
+
+    async def touch_idle(self, app: str, name: str, deadline: float | None) -> None:
+        """Set or clear the deadline."""
+        if deadline is None:
+            self._idle.pop((app, name), None)
+        else:
+            self._idle[(app, name)] = deadline
+
+    async def claim_idle(self, now: float) -> list[tuple[str, str]]:
+        """Pop every passed deadline."""
+        due = [channel for channel, deadline in self._idle.items() if deadline <= now]
+        for channel in due:
+            del self._idle[channel]
+        return due

@@ -21,6 +21,13 @@ from herald.models import App, Channel, KeyRecord
 
 __all__ = ["RedisRecords"]
 
+_IDLE = "herald:idle"
+_CLAIM_IDLE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
+if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
+return due
+"""
+
 
 class RedisRecords:
     """Record storage; mixed into `RedisEngine`, which provides ``redis``."""
@@ -165,3 +172,18 @@ class RedisRecords:
         """DEL."""
         async with self._guard():
             await self.redis.delete(f"herald:kv:{key}")
+
+    async def touch_idle(self, app: str, name: str, deadline: float | None) -> None:
+        """ZADD (or ZREM) in the deadlines zset."""
+        async with self._guard():
+            if deadline is None:
+                await self.redis.zrem(_IDLE, f"{app}|{name}")
+            else:
+                await self.redis.zadd(_IDLE, {f"{app}|{name}": deadline})
+
+    async def claim_idle(self, now: float) -> list[tuple[str, str]]:
+        """One script takes the passed deadlines out: no two workers get the same one."""
+        async with self._guard():
+            claimed: Any = await self.redis.eval(_CLAIM_IDLE, 1, _IDLE, now)
+        pairs = (member.decode().partition("|") for member in claimed)
+        return [(app, name) for app, _, name in pairs]
