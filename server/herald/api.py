@@ -142,11 +142,11 @@ def _query_offset(request: Request, name: str) -> str | None:
     return raw
 
 
-def channel_view(node: Node, channel: Channel, principal: Principal) -> dict[str, Any]:
+async def channel_view(node: Node, channel: Channel, principal: Principal) -> dict[str, Any]:
     """A channel as the API shows it; users also learn whether they may edit it."""
     record = channel.to_record()
     del record["app"], record["messages"]
-    record["counts"] = node.counts(channel)
+    record["counts"] = await node.counts(channel)
     if principal.is_user:
         record["you_can_edit"] = can_edit(principal, channel)
     return record
@@ -160,7 +160,7 @@ async def create_channel(request: Request) -> Response:
     channel, keys = await node.create_channel(principal, channel)
     return respond(
         request,
-        {**channel_view(node, channel, principal), "keys": keys},
+        {**(await channel_view(node, channel, principal)), "keys": keys},
         201,
         headers={"Location": f"/v1/channels/{channel.name}"},
     )
@@ -181,7 +181,7 @@ async def list_channels(request: Request) -> Response:
         kind=kind,
     )
     return respond(
-        request, [channel_view(node, c, principal) for c in channels], meta={"next": cursor}
+        request, [await channel_view(node, c, principal) for c in channels], meta={"next": cursor}
     )
 
 
@@ -190,7 +190,7 @@ async def get_channel(request: Request) -> Response:
     principal = await authenticate(request)
     node = _node(request)
     channel = await node.channel(principal, request.path_params["name"])
-    return respond(request, channel_view(node, channel, principal))
+    return respond(request, await channel_view(node, channel, principal))
 
 
 async def update_channel(request: Request) -> Response:
@@ -200,7 +200,7 @@ async def update_channel(request: Request) -> Response:
     channel = await node.update_channel(
         principal, request.path_params["name"], await read_body(request)
     )
-    return respond(request, channel_view(node, channel, principal))
+    return respond(request, await channel_view(node, channel, principal))
 
 
 async def close_channel(request: Request) -> Response:
@@ -208,7 +208,7 @@ async def close_channel(request: Request) -> Response:
     principal = await authenticate(request)
     node = _node(request)
     channel = await node.close_channel(principal, request.path_params["name"])
-    return respond(request, channel_view(node, channel, principal))
+    return respond(request, await channel_view(node, channel, principal))
 
 
 async def publish(request: Request) -> Response:

@@ -40,7 +40,10 @@ def create_app(settings: Settings) -> ASGIApp:
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         node = Node(settings, make_engine(settings))
         await node.start()
-        chores = [asyncio.create_task(keepalive(node)), asyncio.create_task(node.sweep_idle())]
+        chores = [
+            asyncio.create_task(chore)
+            for chore in (keepalive(node), node.sweep_idle(), node.report_presence())
+        ]
         try:
             yield {"node": node}
         finally:

@@ -68,6 +68,9 @@ class Settings:
     idle_sweep_interval: float = 1.0
     """Seconds between looks for channels past their ``idle_timeout``. Default 1."""
 
+    presence_interval: float = 2.0
+    """Seconds between reports of each worker's connection counts (for ``counts``). Default 2."""
+
     max_bad_frames: int = 3
     """Consecutive bad frames before close 4000. Default 3."""
 

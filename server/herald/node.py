@@ -250,14 +250,29 @@ class Node:
                 return found, None
         return found, found[-1].name if found else None
 
-    def counts(self, channel: Channel) -> dict[str, int]:
-        """The ``counts`` object: messages stored, persistent subscribers, live connections."""
-        connections = sum(
-            self.hub.subscribers(topic)
-            for topic in self._refs
-            if topic[:2] == (channel.app, channel.name)
-        )
-        return {"messages": channel.messages, "subscribers": 0, "connections": connections}
+    async def counts(self, channel: Channel) -> dict[str, int]:
+        """The ``counts`` object: messages stored, persistent subscribers, live connections
+        (this worker's exactly, the others' as of their last report)."""
+        local = self._local_connections().get(f"{channel.app}|{channel.name}", 0)
+        others = await self.engine.presence(channel.app, channel.name, exclude=self.name)
+        return {"messages": channel.messages, "subscribers": 0, "connections": local + others}
+
+    def _local_connections(self) -> dict[str, int]:
+        counts: dict[str, int] = defaultdict(int)
+        for topic in self._refs:
+            counts[f"{topic.app}|{topic.channel}"] += self.hub.subscribers(topic)
+        return counts
+
+    async def report_presence(self) -> None:
+        """Tell the other workers how many connections this one holds per channel."""
+        interval = self.settings.presence_interval
+        while True:
+            try:
+                counts = {k: v for k, v in self._local_connections().items() if v}
+                await self.engine.report_presence(self.name, counts, ttl=3 * interval)
+            except HeraldError as exc:  # the engine is away: report again next round
+                logger.warning("presence report skipped: %s", exc.detail)
+            await asyncio.sleep(interval)
 
     # Messages
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.e2e.conftest import Api, open_api, open_client
 from tests.e2e.test_redis import _clients_on_distinct_workers
-from tests.support import RedisProcess, ServerProcess, start_server
+from tests.support import RedisProcess, ServerProcess, start_server, wait_until
 
 
 @pytest.fixture
@@ -178,5 +178,43 @@ async def test_an_idle_channel_closes_itself_once_on_every_worker(
             channel = (await api.http.get(f"/v1/channels/{channel_name}")).json()["data"]
             assert channel["is_inactive"] is True
         assert server.log().count(f"closing channel default/{channel_name}: idle") == 1
+    finally:
+        server.stop()
+
+
+async def test_counts_add_up_connections_on_every_worker(
+    tmp_path: Path, fresh_redis: RedisProcess, channel_name: str
+) -> None:
+    server = start_server(
+        tmp_path,
+        "--redis",
+        fresh_redis.url,
+        "--workers",
+        "2",
+        env={"HERALD_PRESENCE_INTERVAL": "0.2"},
+    )
+    try:
+        async with AsyncExitStack() as stack:
+            api = await stack.enter_async_context(open_api(server))
+            await api.create_channel(channel_name)
+            clients = await _clients_on_distinct_workers(stack, server, 2)
+            for _ in range(3):
+                clients.append(await stack.enter_async_context(open_client(server)))
+            for client in clients:
+                await client.subscribe(channel_name)
+            await api.publish_many(channel_name, 2)
+
+            async def counted(expected: int) -> bool:
+                # Ask several times: each answer comes from whichever worker takes it.
+                for _ in range(4):
+                    response = await api.http.get(f"/v1/channels/{channel_name}")
+                    counts = response.json()["data"]["counts"]
+                    if counts != {"messages": 2, "subscribers": 0, "connections": expected}:
+                        return False
+                return True
+
+            await wait_until(lambda: counted(5), seconds=10)
+            await clients[0].request({"op": "unsubscribe", "id": "u", "channel": channel_name})
+            await wait_until(lambda: counted(4), seconds=10)
     finally:
         server.stop()

@@ -150,6 +150,15 @@ class Engine(ABC):
         """Remove a key of ``app``; the removed record, or ``None`` if there was none."""
 
     @abstractmethod
+    async def report_presence(self, worker: str, counts: dict[str, int], ttl: float) -> None:
+        """Publish this worker's live connection counts (``"app|channel"`` → connections),
+        valid for ``ttl`` seconds unless reported again; replaces the last report."""
+
+    @abstractmethod
+    async def presence(self, app: str, name: str, exclude: str) -> int:
+        """Live connections to a channel on every worker but ``exclude``, per their reports."""
+
+    @abstractmethod
     async def touch_idle(self, app: str, name: str, deadline: float | None) -> None:
         """Set (unix time) or clear (``None``) when a channel closes for want of publishes."""
 

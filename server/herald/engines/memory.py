@@ -286,3 +286,10 @@ class MemoryEngine(Engine):
         for channel in due:
             del self._idle[channel]
         return due
+
+    async def report_presence(self, worker: str, counts: dict[str, int], ttl: float) -> None:
+        """One process has one worker: nothing to share."""
+
+    async def presence(self, app: str, name: str, exclude: str) -> int:
+        """No other worker exists."""
+        return 0

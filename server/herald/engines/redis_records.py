@@ -9,6 +9,7 @@ zset of names, ``herald:{app}:chn`` hash of message counts;
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -187,3 +188,27 @@ class RedisRecords:
             claimed: Any = await self.redis.eval(_CLAIM_IDLE, 1, _IDLE, now)
         pairs = (member.decode().partition("|") for member in claimed)
         return [(app, name) for app, _, name in pairs]
+
+    async def report_presence(self, worker: str, counts: dict[str, int], ttl: float) -> None:
+        """Replace this worker's hash, and mark the worker seen."""
+        key = f"herald:presence:{worker}"
+        async with self._guard(), self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            if counts:
+                pipe.hset(key, mapping=counts)  # type: ignore[arg-type]
+                pipe.pexpire(key, int(ttl * 1000))
+            pipe.zadd("herald:presence", {worker: time.time() + ttl})
+            await pipe.execute()
+
+    async def presence(self, app: str, name: str, exclude: str) -> int:
+        """Sum the channel's count over the other workers whose report is still fresh."""
+        async with self._guard():
+            workers: Any = await self.redis.zrangebyscore("herald:presence", time.time(), "+inf")
+            others = [w.decode() for w in workers if w.decode() != exclude]
+            if not others:
+                return 0
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for worker in others:
+                    pipe.hget(f"herald:presence:{worker}", f"{app}|{name}")
+                counts = await pipe.execute()
+        return sum(int(count) for count in counts if count is not None)
