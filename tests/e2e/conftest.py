@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,7 +22,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
-from tests.support import ServerProcess, scaled
+from tests.support import RedisProcess, ServerProcess, scaled, start_server
 
 __all__ = [
     "JSON",
@@ -29,6 +30,7 @@ __all__ = [
     "Api",
     "Frame",
     "WSClient",
+    "clients_on_distinct_workers",
     "open_api",
     "open_client",
     "open_socket",
@@ -217,3 +219,33 @@ async def api(server: ServerProcess) -> AsyncIterator[Api]:
     """An `Api` on the shared server."""
     async with open_api(server) as client:
         yield client
+
+
+@pytest.fixture
+def two_workers(tmp_path: Path, fresh_redis: RedisProcess) -> Iterator[ServerProcess]:
+    """``herald serve --workers 2`` on the test's Redis."""
+    server = start_server(tmp_path, "--redis", fresh_redis.url, "--workers", "2")
+    yield server
+    server.stop()
+
+
+async def clients_on_distinct_workers(
+    stack: AsyncExitStack, server: ServerProcess, count: int
+) -> list[WSClient]:
+    """Open connections until ``count`` of them sit on different worker processes.
+
+    /healthz answers as soon as one worker is up, and the kernel picks the worker
+    for each accept, so keep trying (for a while) until the others take some.
+    """
+    by_worker: dict[str, WSClient] = {}
+    async with asyncio.timeout(scaled(20)):
+        while len(by_worker) < count:
+            async with AsyncExitStack() as attempt:
+                client = await attempt.enter_async_context(open_client(server))
+                worker = client.connected["server"]
+                if worker not in by_worker:
+                    by_worker[worker] = client
+                    stack.push_async_exit(attempt.pop_all())
+                    continue
+            await asyncio.sleep(0.02)
+    return list(by_worker.values())

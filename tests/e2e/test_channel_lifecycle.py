@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 
-import pytest
-
-from tests.e2e.conftest import Api, open_api, open_client
-from tests.e2e.test_redis import _clients_on_distinct_workers
+from tests.e2e.conftest import Api, clients_on_distinct_workers, open_api, open_client
 from tests.support import RedisProcess, ServerProcess, start_server, wait_until
-
-
-@pytest.fixture
-def two_workers(tmp_path: Path, fresh_redis: RedisProcess) -> Iterator[ServerProcess]:
-    """``herald serve --workers 2`` on the test's Redis."""
-    server = start_server(tmp_path, "--redis", fresh_redis.url, "--workers", "2")
-    yield server
-    server.stop()
 
 
 async def _token(api: Api, user: str) -> str:
@@ -34,7 +22,7 @@ async def test_close_tells_subscribers_on_every_worker_and_stops_publishes(
     async with AsyncExitStack() as stack:
         api = await stack.enter_async_context(open_api(two_workers))
         await api.create_channel(channel_name)
-        first, second = await _clients_on_distinct_workers(stack, two_workers, 2)
+        first, second = await clients_on_distinct_workers(stack, two_workers, 2)
         await first.subscribe(channel_name)
         await second.subscribe(channel_name)
         kept = await api.publish_many(channel_name, 3)
@@ -159,7 +147,7 @@ async def test_an_idle_channel_closes_itself_once_on_every_worker(
         async with AsyncExitStack() as stack:
             api = await stack.enter_async_context(open_api(server))
             await api.create_channel(channel_name, idle_timeout=2)
-            first, second = await _clients_on_distinct_workers(stack, server, 2)
+            first, second = await clients_on_distinct_workers(stack, server, 2)
             await first.subscribe(channel_name)
             await second.subscribe(channel_name)
             # Publishing keeps it open past its first deadline.
@@ -197,7 +185,7 @@ async def test_counts_add_up_connections_on_every_worker(
         async with AsyncExitStack() as stack:
             api = await stack.enter_async_context(open_api(server))
             await api.create_channel(channel_name)
-            clients = await _clients_on_distinct_workers(stack, server, 2)
+            clients = await clients_on_distinct_workers(stack, server, 2)
             for _ in range(3):
                 clients.append(await stack.enter_async_context(open_client(server)))
             for client in clients:

@@ -14,11 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.e2e.conftest import Api, WSClient, open_api, open_client
+from tests.e2e.conftest import Api, clients_on_distinct_workers, open_api, open_client
 from tests.support import (
     RedisProcess,
     ServerProcess,
-    scaled,
     start_redis,
     start_server,
     wait_until,
@@ -37,43 +36,13 @@ def _herald(tmp_path: Path, redis: RedisProcess, *extra: str) -> ServerProcess:
     return start_server(tmp_path, "--redis", redis.url, *extra)
 
 
-@pytest.fixture
-def two_workers(tmp_path: Path, fresh_redis: RedisProcess) -> Iterator[ServerProcess]:
-    """``herald serve --workers 2`` on the test's Redis."""
-    server = _herald(tmp_path, fresh_redis, "--workers", "2")
-    yield server
-    server.stop()
-
-
-async def _clients_on_distinct_workers(
-    stack: AsyncExitStack, server: ServerProcess, count: int
-) -> list[WSClient]:
-    """Open connections until ``count`` of them sit on different worker processes.
-
-    /healthz answers as soon as one worker is up, and the kernel picks the worker
-    for each accept, so keep trying (for a while) until the others take some.
-    """
-    by_worker: dict[str, WSClient] = {}
-    async with asyncio.timeout(scaled(20)):
-        while len(by_worker) < count:
-            async with AsyncExitStack() as attempt:
-                client = await attempt.enter_async_context(open_client(server))
-                worker = client.connected["server"]
-                if worker not in by_worker:
-                    by_worker[worker] = client
-                    stack.push_async_exit(attempt.pop_all())
-                    continue
-            await asyncio.sleep(0.02)
-    return list(by_worker.values())
-
-
 async def test_subscribers_on_every_worker_receive_in_order(
     two_workers: ServerProcess, channel_name: str
 ) -> None:
     async with AsyncExitStack() as stack:
         api = await stack.enter_async_context(open_api(two_workers))
         await api.create_channel(channel_name)
-        first, second = await _clients_on_distinct_workers(stack, two_workers, 2)
+        first, second = await clients_on_distinct_workers(stack, two_workers, 2)
         assert first.connected["server"] != second.connected["server"]
         await first.subscribe(channel_name)
         await second.subscribe(channel_name)
@@ -89,7 +58,7 @@ async def test_publish_over_websocket_reaches_the_other_worker(
     async with AsyncExitStack() as stack:
         api = await stack.enter_async_context(open_api(two_workers))
         await api.create_channel(channel_name)
-        publisher, listener = await _clients_on_distinct_workers(stack, two_workers, 2)
+        publisher, listener = await clients_on_distinct_workers(stack, two_workers, 2)
         await listener.subscribe(channel_name)
         answer = await publisher.request(
             {"op": "publish", "id": "p1", "channel": channel_name, "payload": "hi"}

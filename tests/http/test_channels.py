@@ -24,15 +24,6 @@ DEFAULT_ACL = {"public": False, "any_user": False, "user_ids": [], "immutable": 
 
 
 @pytest.fixture(scope="module")
-def http(server: ServerProcess) -> Iterator[httpx.Client]:
-    """An HTTP client on the shared server, carrying the admin key."""
-    with httpx.Client(
-        base_url=server.url, headers=server.headers, timeout=scaled(10), trust_env=False
-    ) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def anonymous(server: ServerProcess) -> Iterator[httpx.Client]:
     """An HTTP client on the shared server without credentials."""
     with httpx.Client(base_url=server.url, timeout=scaled(10), trust_env=False) as client:

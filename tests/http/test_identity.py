@@ -4,24 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
 from tests.e2e.conftest import open_socket
 from tests.support import RedisProcess, ServerProcess, scaled, start_server
-
-
-@pytest.fixture(scope="module")
-def http(server: ServerProcess) -> Iterator[httpx.Client]:
-    """An HTTP client on the shared server, carrying the operator (bootstrap admin) key."""
-    with httpx.Client(
-        base_url=server.url, headers=server.headers, timeout=scaled(10), trust_env=False
-    ) as client:
-        yield client
 
 
 def _as(credential: str) -> dict[str, str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -17,7 +17,7 @@ import msgpack
 import pytest
 
 from herald.models import offset_key
-from tests.support import ServerProcess, scaled
+from tests.support import ServerProcess
 
 MSGPACK = "application/msgpack"
 CREATED_AT = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
@@ -26,15 +26,6 @@ AUTHOR = {"type": "key", "id": "bootstrap"}
 MAX_PAYLOAD = 64 * 1024
 
 Publish = Callable[..., dict[str, Any]]
-
-
-@pytest.fixture(scope="module")
-def http(server: ServerProcess) -> Iterator[httpx.Client]:
-    """An HTTP client on the shared server, carrying the admin key."""
-    with httpx.Client(
-        base_url=server.url, headers=server.headers, timeout=scaled(10), trust_env=False
-    ) as client:
-        yield client
 
 
 def _create(http: httpx.Client, name: str, **fields: Any) -> None:
