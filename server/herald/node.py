@@ -296,6 +296,10 @@ class Node:
         self, principal: Principal, name: str, payload: Any, room: object, metadata: object
     ) -> tuple[Channel, Message]:
         """The channel and the message to store, or the error that stops the publish."""
+        channel = await self._publishable(principal, name)
+        return channel, self._message(principal, channel, payload, room, metadata)
+
+    async def _publishable(self, principal: Principal, name: str) -> Channel:
         channel = await self._channels.get(principal.app, name)
         if channel is None:
             raise NotFound("Not found")
@@ -303,12 +307,17 @@ class Node:
             raise Forbidden(f"this credential may not publish on channel {name!r}")
         if channel.is_inactive:
             raise Gone(f"channel {name!r} is closed")
+        return channel
+
+    def _message(
+        self, principal: Principal, channel: Channel, payload: Any, room: object, metadata: object
+    ) -> Message:
         room_name = channel.check_room(room)
         if payload_size(payload, "payload") > self.settings.max_payload_bytes:
             raise PayloadTooLarge(
                 f"payload is larger than {self.settings.max_payload_bytes} bytes", path="payload"
             )
-        message = Message(
+        return Message(
             id="",
             app=channel.app,
             channel=channel.name,
@@ -318,7 +327,6 @@ class Node:
             created_at="",
             metadata=parse_metadata(metadata, self.settings),
         )
-        return channel, message
 
     async def publish_many(
         self, principal: Principal, items: list[Any]
@@ -327,19 +335,32 @@ class Node:
 
         Valid items are handed to the engine together, in list order: publishes
         to one topic keep the order of the list, and with Redis they share one
-        round trip. A failing item does not stop the others.
+        round trip. A failing item does not stop the others. Each channel is
+        looked up and checked once per batch.
         """
         results: list[Message | HeraldError | None] = []
         accepted: list[tuple[Channel, Message]] = []
+        channels: dict[str, Channel | HeraldError] = {}
         for item in items:
             try:
-                accepted.append(await self._prepare(principal, *_parse_item(item)))
+                name, payload, room, metadata = _parse_item(item)
+                channel = channels.get(name)
+                if channel is None:
+                    try:
+                        channel = await self._publishable(principal, name)
+                    except HeraldError as exc:
+                        channel = exc
+                    channels[name] = channel
+                if isinstance(channel, HeraldError):
+                    raise channel
+                accepted.append(
+                    (channel, self._message(principal, channel, payload, room, metadata))
+                )
                 results.append(None)
             except HeraldError as exc:
                 results.append(exc)
         stored = iter(await self.engine.publish_many(accepted))
-        idle = {(c.app, c.name): c for c, _ in accepted if c.idle_timeout}
-        for channel in idle.values():
+        for channel in {c.name: c for c, _ in accepted if c.idle_timeout}.values():
             await self._touch_idle(channel)
         return [next(stored) if result is None else result for result in results]
 

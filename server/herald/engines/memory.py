@@ -10,7 +10,7 @@ import secrets
 import time
 from bisect import bisect_left, bisect_right
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from herald.engines.base import ControlHandler, Engine, MessageHandler, decide_recovery
@@ -103,12 +103,22 @@ class MemoryEngine(Engine):
 
     async def publish(self, channel: Channel, message: Message) -> Message:
         """Append and deliver in one synchronous step: atomic by construction."""
+        return self._append(channel, message, now_rfc3339())
+
+    async def publish_many(self, items: list[tuple[Channel, Message]]) -> list[Message]:
+        """`publish` each, with one timestamp for the batch; never awaits in between."""
+        created_at = now_rfc3339()
+        return [self._append(channel, message, created_at) for channel, message in items]
+
+    def _append(self, channel: Channel, message: Message, created_at: str) -> Message:
+        """Fills in the message's id and created_at, stores it, hands it to the hub."""
         if self._on_message is None:
             raise Unavailable("engine is not started")
         topic = message.topic
         stream = self._stream(topic)
         key = stream.next_id()
-        message = replace(message, id=f"{key[0]}-{key[1]}", created_at=now_rfc3339())
+        message.id = f"{key[0]}-{key[1]}"
+        message.created_at = created_at
         stream.last = key
         stream.messages.append(message)
         stream.keys.append(key)
