@@ -13,7 +13,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from herald.auth import Principal, can_edit
+from herald.auth import Principal
 from herald.channels import parse_channel
 from herald.errors import BadRequest, HeraldError, PayloadTooLarge, Unauthorized, Unavailable
 from herald.models import Channel, parse_offset
@@ -146,9 +146,7 @@ async def channel_view(node: Node, channel: Channel, principal: Principal) -> di
     """A channel as the API shows it; users also learn whether they may edit it."""
     record = channel.to_record()
     del record["app"], record["messages"]
-    record["counts"] = await node.counts(channel)
-    if principal.is_user:
-        record["you_can_edit"] = can_edit(principal, channel)
+    record.update(await node.live_fields(channel, principal))
     return record
 
 

@@ -62,6 +62,10 @@ def _parse_item(item: Any) -> tuple[str, Any, object, object]:
     return channel, item["payload"], item.get("room"), item.get("metadata")
 
 
+def _subscriber_id(principal: Principal) -> str:
+    return f"{principal.kind}:{principal.id}"
+
+
 class Client(Subscriber, Protocol):
     """A WebSocket connection as the node sees it."""
 
@@ -144,6 +148,9 @@ class Node:
             raise Conflict(f"channel {channel.name!r} exists already", path="name")
         if channel.idle_timeout:
             await self._touch_idle(channel)
+        if principal.is_user and channel.type == "default":
+            # The owner follows what it made (App.net's rule): on its next connect too.
+            await self.engine.add_subscription(channel.app, channel.name, _subscriber_id(principal))
         return channel, await self.identity.channel_keys(channel)
 
     async def channel(self, principal: Principal, name: str) -> Channel:
@@ -195,6 +202,7 @@ class Node:
         channel.is_inactive = True
         await self.engine.save_channel(channel)
         await self.engine.touch_idle(channel.app, channel.name, None)
+        await self.engine.drop_subscribers(channel.app, channel.name)
         self._channels.forget(channel.app, channel.name)  # here at once; elsewhere by the event
         await self.engine.broadcast(
             {"type": "channel_closed", "app": channel.app, "name": channel.name}
@@ -250,12 +258,38 @@ class Node:
                 return found, None
         return found, found[-1].name if found else None
 
-    async def counts(self, channel: Channel) -> dict[str, int]:
-        """The ``counts`` object: messages stored, persistent subscribers, live connections
-        (this worker's exactly, the others' as of their last report)."""
+    async def live_fields(self, channel: Channel, principal: Principal) -> dict[str, Any]:
+        """``counts`` (messages stored, persistent subscribers, live connections: this
+        worker's exactly, the others' as of their last report), and for users
+        ``you_can_edit`` and ``you_subscribed``."""
         local = self._local_connections().get(f"{channel.app}|{channel.name}", 0)
         others = await self.engine.presence(channel.app, channel.name, exclude=self.name)
-        return {"messages": channel.messages, "subscribers": 0, "connections": local + others}
+        subscribers = await self.engine.subscribers(channel.app, channel.name)
+        fields: dict[str, Any] = {
+            "counts": {
+                "messages": channel.messages,
+                "subscribers": len(subscribers),
+                "connections": local + others,
+            }
+        }
+        if principal.is_user:
+            fields["you_can_edit"] = can_edit(principal, channel)
+            fields["you_subscribed"] = _subscriber_id(principal) in subscribers
+        return fields
+
+    async def resume_subscriptions(self, client: Client, principal: Principal) -> None:
+        """Subscribe a user's new connection to every channel it persistently follows.
+
+        One that is closed or no longer readable is skipped; each success answers
+        a ``subscribed`` frame without an ``id``.
+        """
+        for target in await self.engine.subscriptions(principal.app, _subscriber_id(principal)):
+            channel, _, room = target.partition("|")
+            request = Subscribe(None, channel, room or None, None, None, False)
+            try:
+                await self.subscribe(client, principal, request)
+            except HeraldError as exc:
+                logger.info("not resuming %s for %s: %s", target, principal.id, exc.detail)
 
     def _local_connections(self) -> dict[str, int]:
         counts: dict[str, int] = defaultdict(int)
@@ -434,8 +468,27 @@ class Node:
         if channel.is_inactive:
             raise Gone(f"channel {channel.name!r} is closed")
         topic = channel.topic(channel.check_room(request.room))
+        if request.persist:
+            if not principal.is_user:
+                raise BadRequest("persist needs a user token", path="persist")
+            target = f"{channel.name}|{topic.room}" if topic.room else channel.name
+            await self.engine.add_subscription(channel.app, target, _subscriber_id(principal))
         if topic in client.state.topics:
-            raise Conflict(f"already subscribed to {channel.name!r}", path="channel")
+            # Idempotent (a user's connection may have been subscribed on connect), but
+            # a replay cannot be spliced into a live subscription.
+            if request.since is not None:
+                raise Conflict(f"already subscribed to {channel.name!r}", path="channel")
+            position = await self.engine.position(topic)
+            client.send(
+                {
+                    "op": "subscribed",
+                    "id": request.id,
+                    "channel": channel.name,
+                    "room": topic.room,
+                    "position": {"offset": position.offset, "epoch": position.epoch},
+                }
+            )
+            return
         if len(client.state.topics) >= self.settings.max_subscriptions:
             raise BadRequest(
                 f"a connection holds at most {self.settings.max_subscriptions} subscriptions",
@@ -479,6 +532,9 @@ class Node:
         """Stop a connection's subscription to one topic."""
         channel = await self.channel(principal, request.channel)
         topic = channel.topic(channel.check_room(request.room))
+        if request.persist and principal.is_user:
+            target = f"{channel.name}|{topic.room}" if topic.room else channel.name
+            await self.engine.remove_subscription(channel.app, target, _subscriber_id(principal))
         if topic not in client.state.topics:
             raise NotFound(f"not subscribed to {channel.name!r}", path="channel")
         client.state.topics.discard(topic)

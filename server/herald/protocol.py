@@ -154,6 +154,7 @@ class Unsubscribe:
     id: object
     channel: str
     room: str | None
+    persist: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,7 +251,10 @@ def parse_request(frame: dict[str, Any]) -> Request:
         )
     if op == "unsubscribe":
         channel, room = _channel(frame)
-        return Unsubscribe(_request_id(frame), channel, room)
+        persist = frame.get("persist", False)
+        if not isinstance(persist, bool):
+            raise ProtocolError("persist must be a boolean", path="persist")
+        return Unsubscribe(_request_id(frame), channel, room, persist)
     if op == "publish":
         channel, room = _channel(frame)
         if "payload" not in frame:

@@ -309,6 +309,8 @@ class Connection(asyncio.Protocol):
         if request.id is not None:
             frame["id"] = request.id
         self.send(frame)
+        if self.principal.is_user:
+            await self.node.resume_subscriptions(self, self.principal)
 
     # Outgoing
 

@@ -549,3 +549,19 @@ async def test_idle_deadlines_are_claimed_once(engine: Engine, app: str) -> None
     await engine.touch_idle(app, "busy", 500.0)
     assert [c for c in await engine.claim_idle(400.0) if c[0] == app] == []
     assert [c for c in await engine.claim_idle(600.0) if c[0] == app] == [(app, "busy")]
+
+
+async def test_persistent_subscriptions(engine: Engine, app: str) -> None:
+    assert await engine.add_subscription(app, "news", "user:ann") is True
+    assert await engine.add_subscription(app, "news", "user:ann") is False
+    assert await engine.add_subscription(app, "rooms|r1", "user:ann") is True
+    assert await engine.add_subscription(app, "news", "user:bob") is True
+    assert await engine.subscriptions(app, "user:ann") == ["news", "rooms|r1"]
+    assert await engine.subscribers(app, "news") == ["user:ann", "user:bob"]
+    assert await engine.subscribers(app, "rooms") == ["user:ann"]
+    assert await engine.remove_subscription(app, "news", "user:bob") is True
+    assert await engine.remove_subscription(app, "news", "user:bob") is False
+    await engine.drop_subscribers(app, "news")
+    assert await engine.subscribers(app, "news") == []
+    assert await engine.subscriptions(app, "user:ann") == ["rooms|r1"]
+    assert await engine.subscriptions("another-app", "user:ann") == []

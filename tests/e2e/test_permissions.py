@@ -268,7 +268,10 @@ async def _websocket(server: ServerProcess, credential: str | None, frame: dict[
             if answer["op"] != "connected":
                 await ws.recv()  # the close follows the error
             await ws.send(json.dumps(frame))
+            # Skip what the server sends unasked (a user's resumed subscriptions).
             reply = json.loads(await ws.recv())
+            while reply.get("id") != frame["id"]:
+                reply = json.loads(await ws.recv())
         except ConnectionClosed as closed:
             return str(closed.rcvd.code if closed.rcvd else "no close frame")
     if reply["op"] in ("published", "subscribed"):

@@ -327,13 +327,17 @@ async def test_subscribe_to_an_unknown_channel_keeps_the_connection(
         assert await client.message_ids(1) == [message_id]
 
 
-async def test_subscribing_twice_is_a_conflict(
+async def test_subscribing_twice_is_idempotent_but_not_with_since(
     server: ServerProcess, api: Api, channel_name: str
 ) -> None:
     await api.create_channel(channel_name)
     async with open_client(server) as client:
         await client.subscribe(channel_name)
-        answer = await client.request({"op": "subscribe", "id": "again", "channel": channel_name})
+        again = await client.subscribe(channel_name)
+        assert again["position"]["offset"] == "0-0"
+        answer = await client.request(
+            {"op": "subscribe", "id": "again", "channel": channel_name, "since": "0-0"}
+        )
         assert answer["op"] == "error"
         assert answer["code"] == "conflict"
         message_id = await api.publish(channel_name, 1)

@@ -150,6 +150,27 @@ class Engine(ABC):
         """Remove a key of ``app``; the removed record, or ``None`` if there was none."""
 
     @abstractmethod
+    async def add_subscription(self, app: str, target: str, subscriber: str) -> bool:
+        """Record a persistent subscription (``target`` is ``channel`` or
+        ``channel|room``); ``False`` if it existed."""
+
+    @abstractmethod
+    async def remove_subscription(self, app: str, target: str, subscriber: str) -> bool:
+        """Forget a persistent subscription; ``False`` if there was none."""
+
+    @abstractmethod
+    async def subscriptions(self, app: str, subscriber: str) -> list[str]:
+        """The targets a subscriber persistently subscribes to, sorted."""
+
+    @abstractmethod
+    async def subscribers(self, app: str, channel: str) -> list[str]:
+        """Who persistently subscribes to a channel (any of its rooms), sorted."""
+
+    @abstractmethod
+    async def drop_subscribers(self, app: str, channel: str) -> None:
+        """Forget every persistent subscription to a channel (it was closed)."""
+
+    @abstractmethod
     async def report_presence(self, worker: str, counts: dict[str, int], ttl: float) -> None:
         """Publish this worker's live connection counts (``"app|channel"`` → connections),
         valid for ``ttl`` seconds unless reported again; replaces the last report."""

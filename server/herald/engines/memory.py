@@ -66,6 +66,8 @@ class MemoryEngine(Engine):
         self._apps: dict[str, App] = {}
         self._values: dict[str, tuple[float, bytes]] = {}
         self._idle: dict[tuple[str, str], float] = {}
+        self._subscribers: dict[tuple[str, str], set[tuple[str, str]]] = {}
+        self._subscriptions: dict[tuple[str, str], set[str]] = {}
         self._streams: dict[Topic, _Stream] = {}
         self._subscribed: set[Topic] = set()
         self._channels: dict[tuple[str, str], Channel] = {}
@@ -303,3 +305,36 @@ class MemoryEngine(Engine):
     async def presence(self, app: str, name: str, exclude: str) -> int:
         """No other worker exists."""
         return 0
+
+    async def add_subscription(self, app: str, target: str, subscriber: str) -> bool:
+        """Two indexes: by channel and by subscriber."""
+        channel = target.partition("|")[0]
+        entries = self._subscribers.setdefault((app, channel), set())
+        if (target, subscriber) in entries:
+            return False
+        entries.add((target, subscriber))
+        self._subscriptions.setdefault((app, subscriber), set()).add(target)
+        return True
+
+    async def remove_subscription(self, app: str, target: str, subscriber: str) -> bool:
+        """Drop from both indexes."""
+        channel = target.partition("|")[0]
+        entries = self._subscribers.get((app, channel), set())
+        if (target, subscriber) not in entries:
+            return False
+        entries.discard((target, subscriber))
+        self._subscriptions.get((app, subscriber), set()).discard(target)
+        return True
+
+    async def subscriptions(self, app: str, subscriber: str) -> list[str]:
+        """Sorted targets."""
+        return sorted(self._subscriptions.get((app, subscriber), set()))
+
+    async def subscribers(self, app: str, channel: str) -> list[str]:
+        """Sorted, each subscriber once."""
+        return sorted({who for _, who in self._subscribers.get((app, channel), set())})
+
+    async def drop_subscribers(self, app: str, channel: str) -> None:
+        """Forget the channel's entries in both indexes."""
+        for target, subscriber in self._subscribers.pop((app, channel), set()):
+            self._subscriptions.get((app, subscriber), set()).discard(target)

@@ -212,3 +212,45 @@ class RedisRecords:
                     pipe.hget(f"herald:presence:{worker}", f"{app}|{name}")
                 counts = await pipe.execute()
         return sum(int(count) for count in counts if count is not None)
+
+    async def add_subscription(self, app: str, target: str, subscriber: str) -> bool:
+        """Two sets: the channel's (target + subscriber) and the subscriber's targets."""
+        channel = target.partition("|")[0]
+        async with self._guard(), self.redis.pipeline(transaction=True) as pipe:
+            pipe.sadd(f"herald:{{{app}}}:subs:ch:{channel}", f"{target}\x1f{subscriber}")
+            pipe.sadd(f"herald:{{{app}}}:subs:of:{subscriber}", target)
+            added, _ = await pipe.execute()
+        return bool(added)
+
+    async def remove_subscription(self, app: str, target: str, subscriber: str) -> bool:
+        """SREM from both sets."""
+        channel = target.partition("|")[0]
+        async with self._guard(), self.redis.pipeline(transaction=True) as pipe:
+            pipe.srem(f"herald:{{{app}}}:subs:ch:{channel}", f"{target}\x1f{subscriber}")
+            pipe.srem(f"herald:{{{app}}}:subs:of:{subscriber}", target)
+            removed, _ = await pipe.execute()
+        return bool(removed)
+
+    async def subscriptions(self, app: str, subscriber: str) -> list[str]:
+        """SMEMBERS of the subscriber's set."""
+        async with self._guard():
+            targets: Any = await self.redis.smembers(f"herald:{{{app}}}:subs:of:{subscriber}")
+        return sorted(target.decode() for target in targets)
+
+    async def subscribers(self, app: str, channel: str) -> list[str]:
+        """SMEMBERS of the channel's set, each subscriber once."""
+        async with self._guard():
+            entries: Any = await self.redis.smembers(f"herald:{{{app}}}:subs:ch:{channel}")
+        return sorted({entry.decode().partition("\x1f")[2] for entry in entries})
+
+    async def drop_subscribers(self, app: str, channel: str) -> None:
+        """Empty the channel's set and take its targets out of each subscriber's set."""
+        key = f"herald:{{{app}}}:subs:ch:{channel}"
+        async with self._guard():
+            entries: Any = await self.redis.smembers(key)
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for entry in entries:
+                    target, _, subscriber = entry.decode().partition("\x1f")
+                    pipe.srem(f"herald:{{{app}}}:subs:of:{subscriber}", target)
+                pipe.delete(key)
+                await pipe.execute()
