@@ -229,8 +229,11 @@ class Connection(asyncio.Protocol):
                     frame["id"] = request.id
                 self.send(frame)
             elif isinstance(request, Reply):
-                # No commands are in flight in this version: a reply matches nothing.
-                pass
+                # Late, duplicate and unknown replies are ignored, as the protocol says;
+                # commands to devices (and so replies that match one) come with devices.
+                logger.debug(
+                    "reply %s from %s matches no command", request.command_id, self.client_id
+                )
         except HeraldError as exc:
             self.send(error_frame(exc, state.request_id))
             code = state.close_code_for(exc)
