@@ -1,10 +1,12 @@
 """A short-lived cache of channel records for the publish path.
 
-Publishing needs the channel's settings (type, history size, closed or not)
-for every message; reading them from Redis each time would double the round
-trips of a publish. Records are kept for ``ttl`` seconds; concurrent misses
-for one channel share one read (single flight), which also keeps publishes
-that wait on it in their original order.
+Publishing and subscribing need the channel's settings (type, ACLs, history
+size, closed or not); reading them from Redis each time would double the
+round trips. Records are kept for ``ttl`` seconds and dropped on every worker
+as soon as a channel changes or closes (a control event); after the engine's
+link was down, everything is dropped. Concurrent misses for one channel share
+one read (single flight), which also keeps publishes that wait on it in
+their original order.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ Loader = Callable[[str, str], Awaitable[Channel | None]]
 class ChannelCache:
     """(app, name) → channel record, for at most ``ttl`` seconds. Misses are not cached."""
 
-    def __init__(self, load: Loader, ttl: float = 1.0, max_entries: int = 100_000) -> None:
+    def __init__(self, load: Loader, ttl: float = 60.0, max_entries: int = 100_000) -> None:
         self._load = load
         self._ttl = ttl
         self._max_entries = max_entries
@@ -58,5 +60,9 @@ class ChannelCache:
         return channel
 
     def forget(self, app: str, name: str) -> None:
-        """Drop one record (after it changed here)."""
+        """Drop one record (it changed)."""
         self._entries.pop((app, name), None)
+
+    def clear(self) -> None:
+        """Drop every record (changes may have been missed)."""
+        self._entries.clear()

@@ -110,6 +110,8 @@ class Identity:
 
     def on_control(self, event: dict[str, Any]) -> None:
         """Forget a deleted key on this worker (the event comes from every worker)."""
+        if event.get("type") == "resync":
+            self._principals.clear()
         if event.get("type") == "key_deleted":
             app, key_id = event.get("app"), event.get("id")
             for credential, (_, principal) in list(self._principals.items()):

@@ -101,6 +101,9 @@ class Node:
     def _on_control(self, event: dict[str, Any]) -> None:
         self.identity.on_control(event)
         kind = event.get("type")
+        if kind == "resync":
+            # Events may have been missed while the engine's link was down.
+            self._channels.clear()
         if kind in ("channel_changed", "channel_closed"):
             app, name = str(event.get("app")), str(event.get("name"))
             self._channels.forget(app, name)
@@ -153,9 +156,16 @@ class Node:
             await self.engine.add_subscription(channel.app, channel.name, _subscriber_id(principal))
         return channel, await self.identity.channel_keys(channel)
 
-    async def channel(self, principal: Principal, name: str) -> Channel:
-        """A channel of the principal's app, or `NotFound`; users must be able to read it."""
-        channel = await self.engine.get_channel(principal.app, name)
+    async def channel(self, principal: Principal, name: str, *, cached: bool = False) -> Channel:
+        """A channel of the principal's app, or `NotFound`; users must be able to read it.
+
+        ``cached`` reads through the channel cache (settings only: counts may lag);
+        edits always start from the stored record.
+        """
+        if cached:
+            channel = await self._channels.get(principal.app, name)
+        else:
+            channel = await self.engine.get_channel(principal.app, name)
         if channel is None:
             raise NotFound("Not found")
         if (principal.is_user or principal.channel) and not (
@@ -166,7 +176,7 @@ class Node:
 
     async def readable(self, principal: Principal, name: str) -> Channel:
         """A channel the principal may subscribe to and read the history of."""
-        channel = await self.channel(principal, name)
+        channel = await self.channel(principal, name, cached=True)
         if not can_read(principal, channel):
             raise Forbidden(f"this credential may not read channel {name!r}")
         return channel
@@ -375,6 +385,12 @@ class Node:
         results: list[Message | HeraldError | None] = []
         accepted: list[tuple[Channel, Message]] = []
         channels: dict[str, Channel | HeraldError] = {}
+        # Read the batch's channels at once, not one round trip after another.
+        names = {item["channel"] for item in items if isinstance(item, dict)}
+        await asyncio.gather(
+            *(self._channels.get(principal.app, name) for name in names if isinstance(name, str)),
+            return_exceptions=True,
+        )
         for item in items:
             try:
                 name, payload, room, metadata = _parse_item(item)

@@ -173,6 +173,7 @@ class RedisEngine(RedisRecords, Engine):
         self._listener: asyncio.Task[None] | None = None
         self._pubsub_client: Redis | None = None
         self._confirming: dict[bytes, asyncio.Future[None]] = {}
+        self._ever_connected = False
         self._connected = asyncio.Event()
         self._closed = False
 
@@ -386,6 +387,10 @@ class RedisEngine(RedisRecords, Engine):
             sub = self._subs.get(tag)
             if sub is not None:
                 await self._catch_up(sub)
+        if self._ever_connected and self._on_control is not None:
+            # Control events published while the link was down are lost.
+            self._on_control({"type": "resync"})
+        self._ever_connected = True
         self._connected.set()
         logger.info("pub/sub link to Redis up (%d topics)", len(done))
 
