@@ -59,6 +59,14 @@ class ChannelCache:
             self._entries[key] = (time.monotonic() + self._ttl, channel)
         return channel
 
+    def missing(self, app: str, names: set[str]) -> list[str]:
+        """The names among ``names`` that have no fresh record here."""
+        now = time.monotonic()
+        entries = self._entries
+        return [
+            name for name in names if (entry := entries.get((app, name))) is None or entry[0] <= now
+        ]
+
     def forget(self, app: str, name: str) -> None:
         """Drop one record (it changed)."""
         self._entries.pop((app, name), None)

@@ -386,11 +386,13 @@ class Node:
         accepted: list[tuple[Channel, Message]] = []
         channels: dict[str, Channel | HeraldError] = {}
         # Read the batch's channels at once, not one round trip after another.
-        names = {item["channel"] for item in items if isinstance(item, dict)}
-        await asyncio.gather(
-            *(self._channels.get(principal.app, name) for name in names if isinstance(name, str)),
-            return_exceptions=True,
-        )
+        names = {item.get("channel") for item in items if isinstance(item, dict)}
+        cold = self._channels.missing(principal.app, {n for n in names if isinstance(n, str)})
+        if cold:
+            await asyncio.gather(
+                *(self._channels.get(principal.app, name) for name in cold),
+                return_exceptions=True,
+            )
         for item in items:
             try:
                 name, payload, room, metadata = _parse_item(item)

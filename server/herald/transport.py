@@ -45,6 +45,10 @@ from herald.protocol import (
 __all__ = ["CONNECT_PATH", "Connection", "keepalive"]
 
 logger = logging.getLogger("herald.transport")
+# The websockets protocol logs every connection's open and close at INFO: at tens
+# of thousands of sockets that is noise, so its logger starts at WARNING.
+_protocol_logger = logging.getLogger("herald.transport.websocket")
+_protocol_logger.setLevel(logging.WARNING)
 
 CONNECT_PATH = "/v1/connect"
 _CLOSE_GRACE = 2.0  # seconds to wait for the peer's close frame before dropping the TCP link
@@ -81,7 +85,7 @@ class Connection(asyncio.Protocol):
             select_subprotocol=_select_subprotocol,
             extensions=extensions,
             max_size=settings.max_frame_bytes,
-            logger=logger,
+            logger=_protocol_logger,
         )
         self.loop = _loop or asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None

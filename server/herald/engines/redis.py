@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -110,6 +110,7 @@ return {meta[1], dropped, last, entries}
 _META_GRACE = 7 * 86400
 _BACKOFF_MAX = 5.0
 _CLOSE_TIMEOUT = 2.0
+_MAX_CONNECTIONS = 64  # command connections per worker (pub/sub has its own)
 _CONFIRM_TIMEOUT = 5.0  # seconds Redis has to confirm a SUBSCRIBE
 _CONTROL = b"herald:control"
 
@@ -163,7 +164,16 @@ class RedisEngine(RedisRecords, Engine):
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.redis: Redis = Redis.from_url(url, socket_connect_timeout=2, socket_timeout=5)
+        # A bounded pool that makes callers wait for a connection rather than fail:
+        # a burst of subscribes must not turn into "unavailable".
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=_MAX_CONNECTIONS,
+            timeout=5,
+            socket_connect_timeout=2,
+            socket_timeout=5,
+        )
+        self.redis: Redis = Redis(connection_pool=pool)
         self._batcher = PublishBatcher(self.redis, _PUBLISH)
         self._recover_script = self.redis.register_script(_RECOVER)
         self._on_message: MessageHandler | None = None
