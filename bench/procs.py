@@ -1,0 +1,247 @@
+"""The processes a benchmark starts and watches: redis-server, Herald, reference servers.
+
+Each runs on 127.0.0.1, pinned with ``taskset`` to the server CPU when the
+machine has two CPUs to pin apart, with its output in a log file. CPU time
+and resident memory are read from ``/proc`` (the process and any children
+it forks). `Proc.stop` sends SIGTERM, then SIGKILL if the process lingers.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = [
+    "HOST",
+    "LOADGEN_CPU",
+    "RESULTS",
+    "SERVER_CPU",
+    "Proc",
+    "can_pin",
+    "free_port",
+    "log_problems",
+    "machine_busy_seconds",
+    "raise_nofile",
+    "spawn",
+    "start_herald",
+    "start_redis",
+    "start_reference",
+    "wait_port",
+]
+
+HOST = "127.0.0.1"
+SERVER_CPU = 0
+LOADGEN_CPU = 1
+RESULTS = Path(__file__).resolve().parent / "results"
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def can_pin() -> bool:
+    """Whether CPUs 0 and 1 are both available to this process."""
+    return {SERVER_CPU, LOADGEN_CPU} <= os.sched_getaffinity(0)
+
+
+def raise_nofile(needed: int | None = None) -> tuple[int, int]:
+    """Raise the soft open-files limit to ``needed`` or, if None, to the hard limit.
+
+    Child processes inherit the raised limit, so call this before starting servers.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if needed is None else needed
+    if hard != resource.RLIM_INFINITY:
+        target = min(target, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft, hard
+
+
+def machine_busy_seconds() -> float:
+    """CPU time all CPUs have spent busy since boot (/proc/stat: all but idle and iowait)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / _CLK_TCK
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Fields after the command name, which may itself contain spaces and parentheses.
+    return stat.rsplit(")", 1)[1].split()
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields is not None:
+                tree.setdefault(int(fields[1]), []).append(int(entry))
+    return tree
+
+
+@dataclass
+class Proc:
+    """A started server process and where its output goes."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        """The process id (``taskset`` execs the command, so it is the server's own)."""
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        """Whether the process still runs."""
+        return self.popen.poll() is None
+
+    def pids(self) -> list[int]:
+        """The process and its descendants (a server that forks workers)."""
+        tree = _children()
+        found = [self.pid]
+        index = 0
+        while index < len(found):
+            found.extend(tree.get(found[index], []))
+            index += 1
+        return found
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time used so far by the process and its descendants."""
+        total = 0
+        for pid in self.pids():
+            fields = _stat_fields(pid)
+            if fields is not None:
+                total += int(fields[11]) + int(fields[12])
+        return total / _CLK_TCK
+
+    def rss_kib(self) -> int:
+        """Resident memory of the process and its descendants, KiB."""
+        total = 0
+        for pid in self.pids():
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            for line in status.splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+                    break
+        return total
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, then SIGKILL if it lingers; the exit code (negative: killed by a signal)."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+
+def spawn(
+    name: str, command: list[str], log_path: Path, pin: bool, env: dict[str, str] | None = None
+) -> Proc:
+    """Start ``command`` with its output in ``log_path``, on the server CPU when ``pin``."""
+    taskset = shutil.which("taskset")
+    if pin and taskset:
+        command = [taskset, "-c", str(SERVER_CPU), *command]
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as log:
+        popen = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL
+        )
+    if pin and not taskset:
+        os.sched_setaffinity(popen.pid, {SERVER_CPU})
+    return Proc(name, popen, log_path)
+
+
+def wait_port(proc: Proc, port: int, timeout: float = 20.0) -> None:
+    """Wait until something accepts TCP connections on ``port``; fail if ``proc`` exits."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not proc.alive():
+            raise RuntimeError(
+                f"{proc.name} exited with {proc.popen.returncode}; see {proc.log_path}"
+            )
+        try:
+            with socket.create_connection((HOST, port), timeout=0.5):
+                return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{proc.name} did not listen on {port}; see {proc.log_path}")
+        time.sleep(0.05)
+
+
+def start_redis(log_path: Path, pin: bool) -> tuple[Proc, str]:
+    """A throwaway ``redis-server`` (no persistence) on a free port; it and its URL."""
+    port = free_port()
+    command = ["redis-server", "--port", str(port), "--bind", HOST, "--save", ""]
+    command += ["--appendonly", "no", "--maxclients", "20000"]
+    proc = spawn("redis-server", command, log_path, pin)
+    deadline = time.monotonic() + 10
+    try:
+        while True:
+            try:
+                with socket.create_connection((HOST, port), timeout=0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or not proc.alive():
+                raise RuntimeError(f"redis-server did not start; see {log_path}")
+            time.sleep(0.05)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, f"redis://{HOST}:{port}/0"
+
+
+def start_herald(
+    port: int, key: str, log_path: Path, pin: bool, redis_url: str | None = None
+) -> Proc:
+    """``python -m herald serve`` (the Redis engine when ``redis_url``), admin key ``key``."""
+    env = {**os.environ, "HERALD_ADMIN_KEY": key}
+    command = [sys.executable, "-m", "herald", "serve", "--host", HOST, "--port", str(port)]
+    if redis_url:
+        command += ["--redis", redis_url]
+    return spawn("herald", command, log_path, pin, env)
+
+
+def start_reference(script: Path, port: int, redis_url: str, log_path: Path, pin: bool) -> Proc:
+    """``python <script> --port P --redis URL``: a reference server of ``bench/``."""
+    command = [sys.executable, str(script), "--port", str(port), "--redis", redis_url]
+    return spawn(script.stem, command, log_path, pin, dict(os.environ))
+
+
+def log_problems(path: Path) -> list[str]:
+    """Lines of a server log that report errors or warnings."""
+    words = ("ERROR", "Traceback", "WARNING", "CRITICAL", "Exception")
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+    return [line for line in lines if any(word in line for word in words)]
