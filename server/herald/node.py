@@ -66,6 +66,11 @@ def _subscriber_id(principal: Principal) -> str:
     return f"{principal.kind}:{principal.id}"
 
 
+def _target(topic: Topic) -> str:
+    """What a persistent subscription names: the channel, or ``channel|room``."""
+    return f"{topic.channel}|{topic.room}" if topic.room else topic.channel
+
+
 class Client(Subscriber, Protocol):
     """A WebSocket connection as the node sees it."""
 
@@ -489,8 +494,9 @@ class Node:
         if request.persist:
             if not principal.is_user:
                 raise BadRequest("persist needs a user token", path="persist")
-            target = f"{channel.name}|{topic.room}" if topic.room else channel.name
-            await self.engine.add_subscription(channel.app, target, _subscriber_id(principal))
+            await self.engine.add_subscription(
+                channel.app, _target(topic), _subscriber_id(principal)
+            )
         if topic in client.state.topics:
             # Idempotent (a user's connection may have been subscribed on connect), but
             # a replay cannot be spliced into a live subscription.
@@ -551,8 +557,9 @@ class Node:
         channel = await self.channel(principal, request.channel)
         topic = channel.topic(channel.check_room(request.room))
         if request.persist and principal.is_user:
-            target = f"{channel.name}|{topic.room}" if topic.room else channel.name
-            await self.engine.remove_subscription(channel.app, target, _subscriber_id(principal))
+            await self.engine.remove_subscription(
+                channel.app, _target(topic), _subscriber_id(principal)
+            )
         if topic not in client.state.topics:
             raise NotFound(f"not subscribed to {channel.name!r}", path="channel")
         client.state.topics.discard(topic)
