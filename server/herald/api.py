@@ -19,7 +19,15 @@ from herald.errors import BadRequest, HeraldError, PayloadTooLarge, Unauthorized
 from herald.models import Channel, parse_offset
 from herald.node import Node
 
-__all__ = ["HotPaths", "error_handlers", "routes"]
+__all__ = [
+    "HotPaths",
+    "authenticate",
+    "error_handlers",
+    "node_of",
+    "read_body",
+    "respond",
+    "routes",
+]
 
 logger = logging.getLogger("herald.api")
 
@@ -29,8 +37,9 @@ _MAX_HISTORY = 1000
 _MAX_BATCH = 1000
 
 
-def _node(request: Request) -> Node:
-    # Straight from the scope: `request.state` builds a State object per request.
+def node_of(request: Request) -> Node:
+    """The worker's node. Read straight from the scope: `request.state` builds a
+    State object per request."""
     node: Node = request.scope["state"]["node"]
     return node
 
@@ -46,9 +55,11 @@ def respond(
     *,
     meta: dict[str, Any] | None = None,
     headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Response:
-    """``{"data": ..., "meta": {"code": status, ...}}`` in JSON, or msgpack if accepted."""
-    body = {"data": data, "meta": {"code": status, **(meta or {})}}
+    """``{"data": ..., "meta": {"code": status, ...}}`` in JSON, or msgpack if accepted;
+    ``extra`` adds top-level members (``warnings``)."""
+    body = {"data": data, "meta": {"code": status, **(meta or {})}, **(extra or {})}
     if _wants_msgpack(request):
         return Response(msgpack.packb(body, use_bin_type=True), status, headers, MSGPACK)
     return Response(orjson.dumps(body), status, headers, "application/json")
@@ -88,7 +99,7 @@ error_handlers = {HeraldError: _herald_error, HTTPException: _http_error}
 
 async def read_body(request: Request) -> Any:
     """Parse the body as JSON, or MessagePack when the Content-Type says so."""
-    limit = _node(request).settings.max_body_bytes
+    limit = node_of(request).settings.max_body_bytes
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the body is larger than {limit} bytes")
@@ -115,7 +126,7 @@ async def authenticate(request: Request) -> Principal:
     key = credential.strip() if scheme.lower() == "bearer" else request.headers.get("x-api-key")
     if not key:
         raise Unauthorized("missing credentials: send Authorization: Bearer <key>")
-    return await _node(request).authenticate(key)
+    return await node_of(request).authenticate(key)
 
 
 def _query_int(request: Request, name: str, default: int, maximum: int) -> int:
@@ -153,7 +164,7 @@ async def channel_view(node: Node, channel: Channel, principal: Principal) -> di
 async def create_channel(request: Request) -> Response:
     """``POST /v1/channels`` → 201 with the channel; 409 if the name is taken."""
     principal = await authenticate(request)
-    node = _node(request)
+    node = node_of(request)
     channel = parse_channel(await read_body(request), principal.app, node.settings)
     channel, keys = await node.create_channel(principal, channel)
     return respond(
@@ -167,7 +178,7 @@ async def create_channel(request: Request) -> Response:
 async def list_channels(request: Request) -> Response:
     """``GET /v1/channels``: a page of channels, ``meta.next`` is the next cursor."""
     principal = await authenticate(request)
-    node = _node(request)
+    node = node_of(request)
     kind = request.query_params.get("type")
     if kind is not None and kind not in ("default", "separate_rooms"):
         raise BadRequest("type must be 'default' or 'separate_rooms'", path="type")
@@ -186,7 +197,7 @@ async def list_channels(request: Request) -> Response:
 async def get_channel(request: Request) -> Response:
     """``GET /v1/channels/{name}``."""
     principal = await authenticate(request)
-    node = _node(request)
+    node = node_of(request)
     channel = await node.channel(principal, request.path_params["name"])
     return respond(request, await channel_view(node, channel, principal))
 
@@ -194,7 +205,7 @@ async def get_channel(request: Request) -> Response:
 async def update_channel(request: Request) -> Response:
     """``PUT``/``PATCH /v1/channels/{name}``: change the fields given (both are partial)."""
     principal = await authenticate(request)
-    node = _node(request)
+    node = node_of(request)
     channel = await node.update_channel(
         principal, request.path_params["name"], await read_body(request)
     )
@@ -204,7 +215,7 @@ async def update_channel(request: Request) -> Response:
 async def close_channel(request: Request) -> Response:
     """``DELETE /v1/channels/{name}``: close it for good; answers the closed channel."""
     principal = await authenticate(request)
-    node = _node(request)
+    node = node_of(request)
     channel = await node.close_channel(principal, request.path_params["name"])
     return respond(request, await channel_view(node, channel, principal))
 
@@ -220,9 +231,9 @@ async def publish(request: Request) -> Response:
     item = {**body, "channel": request.path_params["name"]}
     idempotency_key = request.headers.get("idempotency-key")
     if idempotency_key is None:
-        message = await _node(request).publish_item(principal, item)
+        message = await node_of(request).publish_item(principal, item)
     else:
-        message = await _node(request).publish_once(principal, item, idempotency_key)
+        message = await node_of(request).publish_once(principal, item, idempotency_key)
     return respond(request, message.to_api(), 201)
 
 
@@ -234,7 +245,7 @@ async def publish_batch(request: Request) -> Response:
         raise BadRequest("the body must be a list of publishes")
     if len(body) > _MAX_BATCH:
         raise PayloadTooLarge(f"a batch holds at most {_MAX_BATCH} publishes")
-    results = await _node(request).publish_many(principal, body)
+    results = await node_of(request).publish_many(principal, body)
     return respond(
         request,
         [
@@ -249,7 +260,7 @@ async def publish_batch(request: Request) -> Response:
 async def history(request: Request) -> Response:
     """``GET /v1/channels/{name}/history``: retained messages, oldest first unless reversed."""
     principal = await authenticate(request)
-    messages = await _node(request).history(
+    messages = await node_of(request).history(
         principal,
         request.path_params["name"],
         room=request.query_params.get("room"),
@@ -264,7 +275,7 @@ async def history(request: Request) -> Response:
 async def get_message(request: Request) -> Response:
     """``GET /v1/channels/{name}/messages/{id}``: one retained message (a message's ``self``)."""
     principal = await authenticate(request)
-    message = await _node(request).message(
+    message = await node_of(request).message(
         principal,
         request.path_params["name"],
         request.path_params["id"],
@@ -276,42 +287,44 @@ async def get_message(request: Request) -> Response:
 async def create_app(request: Request) -> Response:
     """``POST /v1/apps`` (operator key): the app and its first admin key, shown once."""
     principal = await authenticate(request)
-    app, record, key = await _node(request).identity.create_app(principal, await read_body(request))
+    app, record, key = await node_of(request).identity.create_app(
+        principal, await read_body(request)
+    )
     return respond(request, {**app.to_api(), "admin_key": {**record.to_api(), "key": key}}, 201)
 
 
 async def list_apps(request: Request) -> Response:
     """``GET /v1/apps`` (operator key)."""
     principal = await authenticate(request)
-    apps = await _node(request).identity.list_apps(principal)
+    apps = await node_of(request).identity.list_apps(principal)
     return respond(request, [app.to_api() for app in apps])
 
 
 async def create_key(request: Request) -> Response:
     """``POST /v1/keys`` ``{scopes, name?}`` (admin): the key, shown once."""
     principal = await authenticate(request)
-    record, key = await _node(request).identity.create_key(principal, await read_body(request))
+    record, key = await node_of(request).identity.create_key(principal, await read_body(request))
     return respond(request, {**record.to_api(), "key": key}, 201)
 
 
 async def list_keys(request: Request) -> Response:
     """``GET /v1/keys`` (admin): the app's keys, without secrets."""
     principal = await authenticate(request)
-    keys = await _node(request).identity.list_keys(principal)
+    keys = await node_of(request).identity.list_keys(principal)
     return respond(request, [key.to_api() for key in keys])
 
 
 async def delete_key(request: Request) -> Response:
     """``DELETE /v1/keys/{id}`` (admin): the key stops working everywhere at once."""
     principal = await authenticate(request)
-    record = await _node(request).identity.delete_key(principal, request.path_params["id"])
+    record = await node_of(request).identity.delete_key(principal, request.path_params["id"])
     return respond(request, record.to_api())
 
 
 async def create_token(request: Request) -> Response:
     """``POST /v1/tokens`` ``{user_id, ttl?}`` (admin): a user token for a front end."""
     principal = await authenticate(request)
-    token = await _node(request).identity.mint(principal, await read_body(request))
+    token = await node_of(request).identity.mint(principal, await read_body(request))
     return respond(request, token, 201)
 
 
@@ -322,7 +335,7 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     """Ready: the engine answers (503 otherwise)."""
-    await _node(request).engine.ping()
+    await node_of(request).engine.ping()
     return respond(request, {"status": "ready"})
 
 

@@ -13,6 +13,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
+from herald import api_devices
 from herald.api import HotPaths, error_handlers, routes
 from herald.config import Settings
 from herald.engines.base import Engine
@@ -51,7 +52,13 @@ def create_app(settings: Settings) -> ASGIApp:
                 chore.cancel()
             await node.stop()
 
-    return HotPaths(Starlette(routes=routes, exception_handlers=error_handlers, lifespan=lifespan))
+    return HotPaths(
+        Starlette(
+            routes=[*routes, *api_devices.routes],
+            exception_handlers=error_handlers,
+            lifespan=lifespan,
+        )
+    )
 
 
 def worker_app() -> ASGIApp:

@@ -21,6 +21,7 @@ from herald.models import ACL, App, Channel, KeyRecord
 
 __all__ = [
     "CHANNEL_KEYS",
+    "DEVICE_SCOPE",
     "SCOPES",
     "Principal",
     "can_edit",
@@ -45,10 +46,14 @@ _ALGORITHM = "HS256"
 CHANNEL_KEYS = ("admin_key", "subscriber_key", "ref")
 """The keys made with each channel: manage it, subscribe to it, publish to it."""
 
+DEVICE_SCOPE = "device"
+"""The scope of a device's connection key; its record's id is the device id."""
+
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is asking: an app key (``kind="key"``) or an app's user (``kind="user"``).
+    """Who is asking: an app key (``kind="key"``), an app's user (``kind="user"``) or
+    a device, by its connection key (``kind="device"``, no scopes).
 
     A channel key is a key whose only scope is one of `CHANNEL_KEYS`, valid on
     ``channel`` alone.
@@ -78,6 +83,11 @@ class Principal:
         """A user token, not a server key."""
         return self.kind == "user"
 
+    @property
+    def is_device(self) -> bool:
+        """A device, by its connection key."""
+        return self.kind == "device"
+
 
 def new_key() -> str:
     """A fresh secret key (192 random bits, URL-safe)."""
@@ -97,6 +107,8 @@ def principal_for_key(key: str, record: KeyRecord | None) -> Principal:
     """
     if record is None or not hmac.compare_digest(record.key_hash, hash_key(key)):
         raise Unauthorized("invalid credentials")
+    if record.scopes[0] == DEVICE_SCOPE:
+        return Principal(record.app, "device", record.id)
     channel = record.name if record.scopes[0] in CHANNEL_KEYS else None
     return Principal(record.app, "key", record.id, record.scopes, channel)
 
@@ -173,7 +185,11 @@ def can_edit(principal: Principal, channel: Channel) -> bool:
 
 def can_read(principal: Principal, channel: Channel) -> bool:
     """Subscribe and read history: admin keys; subscribe keys where anyone
-    authenticated may read; users the readers ACL names, owners and editors."""
+    authenticated may read; users the readers ACL names, owners and editors;
+    devices where readers are public (and, checked by the node, where they were
+    added as persistent subscribers or show the channel's subscriber_key)."""
+    if principal.is_device:
+        return channel.readers.public
     if not principal.is_user:
         if principal.has("admin") or principal.holds("subscriber_key", channel):
             return True
@@ -187,7 +203,9 @@ def can_read(principal: Principal, channel: Channel) -> bool:
 def can_publish(principal: Principal, channel: Channel) -> bool:
     """Server keys with the publish scope and the channel's ref and admin_key always;
     users only on ``custom_publish`` channels whose writers ACL lets them (or that
-    they own)."""
+    they own); devices only on ``custom_publish`` channels with public writers."""
+    if principal.is_device:
+        return channel.custom_publish and channel.writers.public
     if not principal.is_user:
         return (
             principal.has("publish")

@@ -13,6 +13,7 @@ __all__ = [
     "CloseCode",
     "Conflict",
     "Forbidden",
+    "GatewayTimeout",
     "Gone",
     "HeraldError",
     "NotFound",
@@ -127,6 +128,13 @@ class PayloadTooLarge(HeraldError):
 
     status = 413
     code = "payload_too_large"
+
+
+class GatewayTimeout(HeraldError):
+    """504: something Herald waited on (a device's reply) did not answer in time."""
+
+    status = 504
+    code = "timeout"
 
 
 class Unavailable(HeraldError):

@@ -11,9 +11,11 @@ past its limit is closed as slow by its transport, never waited for.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 from typing import Protocol
 
-from herald.models import Message, Topic, offset_key
+from herald.audience import matches
+from herald.models import Device, Message, Topic, offset_key
 from herald.protocol import Encoding, encode, message_frame, ws_frame
 
 __all__ = ["Hub", "Subscriber"]
@@ -23,6 +25,8 @@ class Subscriber(Protocol):
     """What the hub needs of a connection."""
 
     encoding: Encoding
+    device: Device | None
+    """The device this connection is, if it is one: devices see messages by audience."""
 
     def push(self, frame: bytes) -> None:
         """Queue ready-made frame bytes. Never blocks, never awaits."""
@@ -32,12 +36,15 @@ class Subscriber(Protocol):
 
 
 class _Topic:
-    __slots__ = ("floors", "json", "msgpack", "pending")
+    __slots__ = ("devices", "floors", "json", "msgpack", "pending")
 
     def __init__(self) -> None:
         # Dicts, not lists or sets: O(1) removal and a stable, insertion-ordered walk.
         self.json: dict[Subscriber, None] = {}
         self.msgpack: dict[Subscriber, None] = {}
+        # Devices apart: each message is checked against each one's opt-in and tags,
+        # which the plain subscribers above never pay for.
+        self.devices: dict[Subscriber, None] = {}
         # Subscribers still replaying history: live messages wait here until they are caught up.
         self.pending: dict[Subscriber, list[Message]] = {}
         # Subscribers made live after a replay up to some id: a message at or below it
@@ -45,8 +52,14 @@ class _Topic:
         # message past it (a topic's messages arrive in order).
         self.floors: dict[Subscriber, tuple[int, int]] = {}
 
+    def live(self, subscriber: Subscriber) -> dict[Subscriber, None]:
+        """The set a live subscriber belongs to."""
+        if subscriber.device is not None:
+            return self.devices
+        return self.json if subscriber.encoding is Encoding.JSON else self.msgpack
+
     def empty(self) -> bool:
-        return not (self.json or self.msgpack or self.pending)
+        return not (self.json or self.msgpack or self.devices or self.pending)
 
 
 def frame_bytes(message: Message, encoding: Encoding) -> bytes:
@@ -72,7 +85,14 @@ class Hub:
         entry = self._topics.get(topic)
         if entry is None:
             return 0
-        return len(entry.json) + len(entry.msgpack) + len(entry.pending)
+        return len(entry.json) + len(entry.msgpack) + len(entry.devices) + len(entry.pending)
+
+    def listeners(self, topic: Topic) -> list[Subscriber]:
+        """The local connections listening to ``topic`` (live or catching up)."""
+        entry = self._topics.get(topic)
+        if entry is None:
+            return []
+        return [*entry.json, *entry.msgpack, *entry.devices, *entry.pending]
 
     def begin(self, topic: Topic, subscriber: Subscriber) -> None:
         """Start buffering ``topic``'s live messages for a subscriber that is catching up."""
@@ -89,18 +109,16 @@ class Hub:
         """
         entry = self._topics[topic]
         buffered = entry.pending.pop(subscriber, [])
-        live = entry.json if subscriber.encoding is Encoding.JSON else entry.msgpack
-        live[subscriber] = None
+        entry.live(subscriber)[subscriber] = None
         floor = offset_key(after)
         entry.floors[subscriber] = floor
         return [m for m in buffered if offset_key(m.id) > floor]
 
     def drop(self, topic: Topic) -> list[Subscriber]:
         """Forget a topic; every subscriber it had (live or catching up)."""
-        entry = self._topics.pop(topic, None)
-        if entry is None:
-            return []
-        return [*entry.json, *entry.msgpack, *entry.pending]
+        subscribers = self.listeners(topic)
+        self._topics.pop(topic, None)
+        return subscribers
 
     def remove(self, topic: Topic, subscriber: Subscriber) -> None:
         """Forget a subscriber of ``topic`` (live or pending); no-op if absent."""
@@ -109,8 +127,7 @@ class Hub:
             return
         entry.floors.pop(subscriber, None)
         if entry.pending.pop(subscriber, None) is None:
-            live = entry.json if subscriber.encoding is Encoding.JSON else entry.msgpack
-            live.pop(subscriber, None)
+            entry.live(subscriber).pop(subscriber, None)
         if entry.empty():
             del self._topics[topic]
 
@@ -124,26 +141,51 @@ class Hub:
         if entry.floors:
             self._deliver_past_floors(entry, message)
             return
-        if entry.json:
-            frame = frame_bytes(message, Encoding.JSON)
-            for subscriber in entry.json:
-                subscriber.push(frame)
-        if entry.msgpack:
-            frame = frame_bytes(message, Encoding.MSGPACK)
-            for subscriber in entry.msgpack:
-                subscriber.push(frame)
+        if message.audience is None:
+            if entry.json:
+                frame = frame_bytes(message, Encoding.JSON)
+                for subscriber in entry.json:
+                    subscriber.push(frame)
+            if entry.msgpack:
+                frame = frame_bytes(message, Encoding.MSGPACK)
+                for subscriber in entry.msgpack:
+                    subscriber.push(frame)
+        if entry.devices:
+            self._deliver_to_devices(entry.devices, message, ())
+
+    @staticmethod
+    def _deliver_to_devices(
+        devices: dict[Subscriber, None], message: Message, skip: Collection[Subscriber]
+    ) -> None:
+        """Each device that sees the message gets it; each encoding is framed once."""
+        audience = message.audience
+        frames: dict[Encoding, bytes] = {}
+        for subscriber in devices:
+            device = subscriber.device
+            assert device is not None
+            if not device.opt_in or subscriber in skip:
+                continue
+            if audience is not None and not matches(audience, device):
+                continue
+            frame = frames.get(subscriber.encoding)
+            if frame is None:
+                frame = frames[subscriber.encoding] = frame_bytes(message, subscriber.encoding)
+            subscriber.push(frame)
 
     def _deliver_past_floors(self, entry: _Topic, message: Message) -> None:
         """The slow path, taken only just after a replay: skip what was replayed."""
         key = offset_key(message.id)
         skip = {s for s, floor in entry.floors.items() if key <= floor}
         entry.floors = {s: floor for s, floor in entry.floors.items() if key <= floor}
-        for live, encoding in ((entry.json, Encoding.JSON), (entry.msgpack, Encoding.MSGPACK)):
-            if live:
-                frame = frame_bytes(message, encoding)
-                for subscriber in live:
-                    if subscriber not in skip:
-                        subscriber.push(frame)
+        if message.audience is None:
+            for live, encoding in ((entry.json, Encoding.JSON), (entry.msgpack, Encoding.MSGPACK)):
+                if live:
+                    frame = frame_bytes(message, encoding)
+                    for subscriber in live:
+                        if subscriber not in skip:
+                            subscriber.push(frame)
+        if entry.devices:
+            self._deliver_to_devices(entry.devices, message, skip)
 
     def schedule_flush(self, subscriber: Subscriber) -> None:
         """Have ``subscriber.flush()`` called once, at the next flush of the hub.

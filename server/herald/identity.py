@@ -13,6 +13,7 @@ from typing import Any
 
 from herald.auth import (
     CHANNEL_KEYS,
+    DEVICE_SCOPE,
     SCOPES,
     Principal,
     hash_key,
@@ -179,10 +180,11 @@ class Identity:
         return record, key
 
     async def list_keys(self, principal: Principal) -> list[KeyRecord]:
-        """The app keys of the principal's app (never their secrets; no channel keys)."""
+        """The app keys of the principal's app (never their secrets; no channel or
+        device keys)."""
         require_scope(principal, "admin")
         keys = await self.engine.list_keys(principal.app)
-        return [key for key in keys if key.scopes[0] not in CHANNEL_KEYS]
+        return [key for key in keys if key.scopes[0] in SCOPES]
 
     async def channel_keys(self, channel: Channel) -> dict[str, str]:
         """Make the three keys of a new channel; answers them (this once)."""
@@ -206,6 +208,10 @@ class Identity:
         require_scope(principal, "admin")
         if principal.app == BOOTSTRAP_APP and key_id == BOOTSTRAP_KEY_ID:
             raise Conflict("the operator key is set with HERALD_ADMIN_KEY, not deleted")
+        record = await self.engine.find_key_by_id(key_id)
+        if record is None or record.app != principal.app or record.scopes[0] == DEVICE_SCOPE:
+            # A device's key goes with the device: POST /v1/devices/uninstall.
+            raise NotFound("Not found")
         record = await self.engine.delete_key(principal.app, key_id)
         if record is None:
             raise NotFound("Not found")

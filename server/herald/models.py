@@ -19,6 +19,7 @@ __all__ = [
     "CHANNEL_TYPES",
     "App",
     "Channel",
+    "Device",
     "KeyRecord",
     "Message",
     "Recovery",
@@ -317,3 +318,54 @@ class KeyRecord:
             "name": self.name,
             "created_at": self.created_at,
         }
+
+
+@dataclass(slots=True)
+class Device:
+    """A registered device. Its ``connection_key`` is stored as a key record, never here.
+
+    ``tags`` maps a tag group to its tags; groups named ``herald_*`` are set by
+    Herald itself (from ``timezone`` and the locale fields).
+    """
+
+    id: str
+    app: str
+    address: str
+    platform: str
+    opt_in: bool = True
+    tags: dict[str, list[str]] = field(default_factory=dict)
+    timezone: str | None = None
+    locale_country: str | None = None
+    locale_language: str | None = None
+    identifiers: dict[str, str] = field(default_factory=dict)
+    created_at: str = field(default_factory=now_rfc3339)
+    updated_at: str = field(default_factory=now_rfc3339)
+
+    def to_api(self) -> dict[str, Any]:
+        """The device as the API shows it (there is no key in it to hide)."""
+        record = self.to_record()
+        del record["app"]
+        record["device_id"] = record.pop("id")
+        return record
+
+    def to_record(self) -> dict[str, Any]:
+        """Everything stored about the device."""
+        return {
+            "id": self.id,
+            "app": self.app,
+            "address": self.address,
+            "platform": self.platform,
+            "opt_in": self.opt_in,
+            "tags": {group: list(tags) for group, tags in self.tags.items()},
+            "timezone": self.timezone,
+            "locale_country": self.locale_country,
+            "locale_language": self.locale_language,
+            "identifiers": dict(self.identifiers),
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> Device:
+        """Inverse of `to_record`."""
+        return cls(**record)

@@ -12,15 +12,17 @@ import logging
 import os
 import socket
 import time
-from collections import defaultdict
-from typing import Any, Protocol, cast
+from typing import Any
 
 import msgpack
 
+from herald.audience import parse_audience
 from herald.auth import Principal, can_edit, can_publish, can_read, require_scope
 from herald.cache import ChannelCache
 from herald.channels import parse_metadata, payload_size, update_channel
+from herald.commands import Commands
 from herald.config import Settings
+from herald.devices import Devices
 from herald.engines.base import Engine
 from herald.errors import (
     BadRequest,
@@ -31,12 +33,13 @@ from herald.errors import (
     NotFound,
     PayloadTooLarge,
 )
-from herald.hub import Hub, Subscriber, frame_bytes
+from herald.hub import Hub
 from herald.identity import Identity, install_bootstrap_key
 from herald.models import Channel, Message, Topic, check_name, parse_offset
-from herald.protocol import ConnectionState, Subscribe, Unsubscribe
+from herald.protocol import Subscribe, Unsubscribe
+from herald.subscriptions import Client, Subscriptions
 
-__all__ = ["Client", "Node"]
+__all__ = ["Client", "Node", "subscriber_id", "subscription_target"]
 
 logger = logging.getLogger("herald.node")
 
@@ -45,8 +48,8 @@ _IDEMPOTENCY_TTL = 600  # seconds a retry with the same Idempotency-Key gets the
 _PENDING = b"\x00pending"
 
 
-def _parse_item(item: Any) -> tuple[str, Any, object, object]:
-    """(channel, payload, room, metadata) of a publish request object."""
+def _parse_item(item: Any) -> tuple[str, Any, object, object, object]:
+    """(channel, payload, room, metadata, audience) of a publish request object."""
     if not isinstance(item, dict):
         raise BadRequest("each item must be an object")
     if not item.keys() <= _ITEM_FIELDS:
@@ -54,30 +57,18 @@ def _parse_item(item: Any) -> tuple[str, Any, object, object]:
         raise BadRequest(f"unknown field {unknown!r}", path=unknown)
     if "payload" not in item:
         raise BadRequest("payload is required", path="payload")
-    if item.get("audience") is not None:
-        raise BadRequest(
-            "audience targets devices, which this version does not have yet", path="audience"
-        )
     channel = check_name(item.get("channel"), "channel")
-    return channel, item["payload"], item.get("room"), item.get("metadata")
+    return channel, item["payload"], item.get("room"), item.get("metadata"), item.get("audience")
 
 
-def _subscriber_id(principal: Principal) -> str:
+def subscriber_id(principal: Principal) -> str:
+    """How persistent subscriptions name a subscriber: ``user:<id>`` or ``device:<id>``."""
     return f"{principal.kind}:{principal.id}"
 
 
-def _target(topic: Topic) -> str:
+def subscription_target(topic: Topic) -> str:
     """What a persistent subscription names: the channel, or ``channel|room``."""
     return f"{topic.channel}|{topic.room}" if topic.room else topic.channel
-
-
-class Client(Subscriber, Protocol):
-    """A WebSocket connection as the node sees it."""
-
-    state: ConnectionState
-
-    def send(self, frame: dict[str, Any]) -> None:
-        """Encode and queue one server frame."""
 
 
 class Node:
@@ -88,12 +79,11 @@ class Node:
         self.engine = engine
         self.hub = Hub()
         self.name = f"{socket.gethostname()}:{os.getpid()}"
-        self._refs: dict[Topic, int] = defaultdict(int)
-        self._engine_topics: set[Topic] = set()
-        self._locks: dict[Topic, asyncio.Lock] = {}
+        self.subscriptions = Subscriptions(settings, engine, self.hub)
         self._channels = ChannelCache(engine.get_channel)
         self.identity = Identity(engine)
-        self._tasks: set[asyncio.Future[None]] = set()
+        self.devices = Devices(self)
+        self.commands = Commands(self)
         self.clients: set[Any] = set()
         """Open WebSocket connections of this worker (for keepalive and shutdown)."""
 
@@ -105,6 +95,8 @@ class Node:
 
     def _on_control(self, event: dict[str, Any]) -> None:
         self.identity.on_control(event)
+        self.devices.on_control(event)
+        self.commands.on_control(event)
         kind = event.get("type")
         if kind == "resync":
             # Events may have been missed while the engine's link was down.
@@ -113,21 +105,7 @@ class Node:
             app, name = str(event.get("app")), str(event.get("name"))
             self._channels.forget(app, name)
             if kind == "channel_closed":
-                self._close_locally(app, name)
-
-    def _close_locally(self, app: str, name: str) -> None:
-        """Tell this worker's subscribers of a closed channel, and unsubscribe them."""
-        for topic in [t for t in self._refs if t.app == app and t.channel == name]:
-            frame = {"op": "closed", "channel": name, "room": topic.room}
-            for subscriber in self.hub.drop(topic):
-                # The hub holds what `subscribe` gave it: clients.
-                client = cast(Client, subscriber)
-                client.send(frame)
-                if topic in client.state.topics:
-                    client.state.topics.discard(topic)
-                    task = asyncio.ensure_future(self._release(topic))
-                    self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                self.subscriptions.close_channel(app, name)
 
     async def stop(self) -> None:
         """Release the engine."""
@@ -158,7 +136,7 @@ class Node:
             await self._touch_idle(channel)
         if principal.is_user and channel.type == "default":
             # The owner follows what it made (App.net's rule): on its next connect too.
-            await self.engine.add_subscription(channel.app, channel.name, _subscriber_id(principal))
+            await self.engine.add_subscription(channel.app, channel.name, subscriber_id(principal))
         return channel, await self.identity.channel_keys(channel)
 
     async def channel(self, principal: Principal, name: str, *, cached: bool = False) -> Channel:
@@ -277,7 +255,7 @@ class Node:
         """``counts`` (messages stored, persistent subscribers, live connections: this
         worker's exactly, the others' as of their last report), and for users
         ``you_can_edit`` and ``you_subscribed``."""
-        local = self._local_connections().get(f"{channel.app}|{channel.name}", 0)
+        local = self.subscriptions.local_connections().get(f"{channel.app}|{channel.name}", 0)
         others = await self.engine.presence(channel.app, channel.name, exclude=self.name)
         subscribers = await self.engine.subscribers(channel.app, channel.name)
         fields: dict[str, Any] = {
@@ -289,35 +267,15 @@ class Node:
         }
         if principal.is_user:
             fields["you_can_edit"] = can_edit(principal, channel)
-            fields["you_subscribed"] = _subscriber_id(principal) in subscribers
+            fields["you_subscribed"] = subscriber_id(principal) in subscribers
         return fields
-
-    async def resume_subscriptions(self, client: Client, principal: Principal) -> None:
-        """Subscribe a user's new connection to every channel it persistently follows.
-
-        One that is closed or no longer readable is skipped; each success answers
-        a ``subscribed`` frame without an ``id``.
-        """
-        for target in await self.engine.subscriptions(principal.app, _subscriber_id(principal)):
-            channel, _, room = target.partition("|")
-            request = Subscribe(None, channel, room or None, None, None, False)
-            try:
-                await self.subscribe(client, principal, request)
-            except HeraldError as exc:
-                logger.info("not resuming %s for %s: %s", target, principal.id, exc.detail)
-
-    def _local_connections(self) -> dict[str, int]:
-        counts: dict[str, int] = defaultdict(int)
-        for topic in self._refs:
-            counts[f"{topic.app}|{topic.channel}"] += self.hub.subscribers(topic)
-        return counts
 
     async def report_presence(self) -> None:
         """Tell the other workers how many connections this one holds per channel."""
         interval = self.settings.presence_interval
         while True:
             try:
-                counts = {k: v for k, v in self._local_connections().items() if v}
+                counts = {k: v for k, v in self.subscriptions.local_connections().items() if v}
                 await self.engine.report_presence(self.name, counts, ttl=3 * interval)
             except HeraldError as exc:  # the engine is away: report again next round
                 logger.warning("presence report skipped: %s", exc.detail)
@@ -333,20 +291,18 @@ class Node:
         payload: Any,
         room: object = None,
         metadata: object = None,
+        audience: object = None,
     ) -> Message:
-        """Validate, store in history and hand to the broker. Never waits for subscribers."""
-        channel, message = await self._prepare(principal, name, payload, room, metadata)
+        """Validate, store in history and hand to the broker. Never waits for subscribers.
+
+        With an ``audience``, only the device subscribers it selects receive it.
+        """
+        channel = await self._publishable(principal, name)
+        message = self._message(principal, channel, payload, room, metadata, audience)
         stored = await self.engine.publish(channel, message)
         if channel.idle_timeout:
             await self._touch_idle(channel)
         return stored
-
-    async def _prepare(
-        self, principal: Principal, name: str, payload: Any, room: object, metadata: object
-    ) -> tuple[Channel, Message]:
-        """The channel and the message to store, or the error that stops the publish."""
-        channel = await self._publishable(principal, name)
-        return channel, self._message(principal, channel, payload, room, metadata)
 
     async def _publishable(self, principal: Principal, name: str) -> Channel:
         channel = await self._channels.get(principal.app, name)
@@ -359,7 +315,13 @@ class Node:
         return channel
 
     def _message(
-        self, principal: Principal, channel: Channel, payload: Any, room: object, metadata: object
+        self,
+        principal: Principal,
+        channel: Channel,
+        payload: Any,
+        room: object,
+        metadata: object,
+        audience: object,
     ) -> Message:
         room_name = channel.check_room(room)
         if payload_size(payload, "payload") > self.settings.max_payload_bytes:
@@ -375,6 +337,7 @@ class Node:
             author=principal.author,
             created_at="",
             metadata=parse_metadata(metadata, self.settings),
+            audience=None if audience is None else parse_audience(audience),
         )
 
     async def publish_many(
@@ -400,7 +363,7 @@ class Node:
             )
         for item in items:
             try:
-                name, payload, room, metadata = _parse_item(item)
+                name, payload, room, metadata, audience = _parse_item(item)
                 channel = channels.get(name)
                 if channel is None:
                     try:
@@ -411,7 +374,10 @@ class Node:
                 if isinstance(channel, HeraldError):
                     raise channel
                 accepted.append(
-                    (channel, self._message(principal, channel, payload, room, metadata))
+                    (
+                        channel,
+                        self._message(principal, channel, payload, room, metadata, audience),
+                    )
                 )
                 results.append(None)
             except HeraldError as exc:
@@ -423,8 +389,10 @@ class Node:
 
     async def publish_item(self, principal: Principal, item: Any) -> Message:
         """Validate one publish request object (as a batch item) and publish it."""
-        channel, payload, room, metadata = _parse_item(item)
-        return await self.publish(principal, channel, payload=payload, room=room, metadata=metadata)
+        channel, payload, room, metadata, audience = _parse_item(item)
+        return await self.publish(
+            principal, channel, payload=payload, room=room, metadata=metadata, audience=audience
+        )
 
     async def publish_once(self, principal: Principal, item: Any, idempotency_key: str) -> Message:
         """`publish_item`, unless a request with this key from this caller was published
@@ -482,128 +450,72 @@ class Node:
     # Subscriptions
 
     async def subscribe(self, client: Client, principal: Principal, request: Subscribe) -> None:
-        """Subscribe a connection, replaying history after ``request.since`` first.
-
-        Live messages that arrive while history is read are buffered in the hub
-        and merged by id, so the client gets no gap and no duplicate.
-        """
-        channel = await self.readable(principal, request.channel)
+        """Subscribe a connection (after the readers ACL, a ``subscriber_key`` or a
+        persistent subscription allows it), replaying history after ``since`` first."""
+        channel = await self._channels.get(principal.app, request.channel)
+        if channel is None:
+            raise NotFound("Not found")
+        if not await self._may_subscribe(principal, channel, request):
+            raise Forbidden(f"this credential may not read channel {channel.name!r}")
         if channel.is_inactive:
             raise Gone(f"channel {channel.name!r} is closed")
         topic = channel.topic(channel.check_room(request.room))
         if request.persist:
-            if not principal.is_user:
-                raise BadRequest("persist needs a user token", path="persist")
+            if not (principal.is_user or principal.is_device):
+                raise BadRequest("persist needs a user token or a device", path="persist")
             await self.engine.add_subscription(
-                channel.app, _target(topic), _subscriber_id(principal)
+                channel.app, subscription_target(topic), subscriber_id(principal)
             )
-        if topic in client.state.topics:
-            # Idempotent (a user's connection may have been subscribed on connect), but
-            # a replay cannot be spliced into a live subscription.
-            if request.since is not None:
-                raise Conflict(f"already subscribed to {channel.name!r}", path="channel")
-            position = await self.engine.position(topic)
-            client.send(
-                {
-                    "op": "subscribed",
-                    "id": request.id,
-                    "channel": channel.name,
-                    "room": topic.room,
-                    "position": {"offset": position.offset, "epoch": position.epoch},
-                }
-            )
-            return
-        if len(client.state.topics) >= self.settings.max_subscriptions:
-            raise BadRequest(
-                f"a connection holds at most {self.settings.max_subscriptions} subscriptions",
-                code="too_many_subscriptions",
-            )
-        client.state.topics.add(topic)
-        self.hub.begin(topic, client)
-        try:
-            await self._acquire(topic)
-            if request.since is not None:
-                recovery = await self.engine.recover(topic, request.since, request.epoch)
-                replay, recovered, position = (
-                    recovery.messages,
-                    recovery.recovered,
-                    recovery.position,
-                )
-            else:
-                replay, recovered, position = [], None, await self.engine.position(topic)
-        except BaseException:
-            self.hub.remove(topic, client)
-            client.state.topics.discard(topic)
-            await self._release(topic)
-            raise
-        answer: dict[str, Any] = {
-            "op": "subscribed",
-            "id": request.id,
-            "channel": channel.name,
-            "room": topic.room,
-            "position": {"offset": position.offset, "epoch": position.epoch},
-        }
-        if recovered is not None:
-            answer["recovered"] = recovered
-        client.send(answer)
-        for message in replay:
-            client.push(frame_bytes(message, client.state.encoding))
-        # position was read with the replay: anything buffered past it is new.
-        for message in self.hub.activate(topic, client, position.offset):
-            client.push(frame_bytes(message, client.state.encoding))
+        await self.subscriptions.add(client, topic, request.id, request.since, request.epoch)
+
+    async def _may_subscribe(
+        self, principal: Principal, channel: Channel, request: Subscribe
+    ) -> bool:
+        if can_read(principal, channel):
+            return True
+        if request.subscriber_key is not None:
+            holder = await self.authenticate(request.subscriber_key)
+            if holder.app == channel.app and holder.holds("subscriber_key", channel):
+                return True
+        if principal.is_device:
+            # A device added by an admin reads what it was added to: ACLs name users.
+            topic = channel.topic(channel.check_room(request.room))
+            targets = await self.engine.subscriptions(channel.app, subscriber_id(principal))
+            return subscription_target(topic) in targets
+        return False
 
     async def unsubscribe(self, client: Client, principal: Principal, request: Unsubscribe) -> None:
         """Stop a connection's subscription to one topic."""
-        channel = await self.channel(principal, request.channel)
+        channel = await self._channels.get(principal.app, request.channel)
+        if channel is None:
+            raise NotFound("Not found")
         topic = channel.topic(channel.check_room(request.room))
-        if request.persist and principal.is_user:
+        if request.persist and (principal.is_user or principal.is_device):
             await self.engine.remove_subscription(
-                channel.app, _target(topic), _subscriber_id(principal)
+                channel.app, subscription_target(topic), subscriber_id(principal)
             )
-        if topic not in client.state.topics:
+        if not await self.subscriptions.remove(client, topic):
             raise NotFound(f"not subscribed to {channel.name!r}", path="channel")
-        client.state.topics.discard(topic)
-        self.hub.remove(topic, client)
         client.send(
             {"op": "unsubscribed", "id": request.id, "channel": channel.name, "room": topic.room}
         )
-        await self._release(topic)
+
+    async def resume_subscriptions(self, client: Client, principal: Principal) -> None:
+        """Subscribe a new connection of a user or device to every channel it
+        persistently follows.
+
+        One that is closed or no longer readable is skipped; each success answers
+        a ``subscribed`` frame without an ``id``.
+        """
+        for target in await self.engine.subscriptions(principal.app, subscriber_id(principal)):
+            channel, _, room = target.partition("|")
+            request = Subscribe(None, channel, room or None, None, None, False)
+            try:
+                await self.subscribe(client, principal, request)
+            except HeraldError as exc:
+                logger.info("not resuming %s for %s: %s", target, principal.id, exc.detail)
 
     async def disconnect(self, client: Client) -> None:
-        """Drop every subscription of a closed connection."""
-        topics, client.state.topics = client.state.topics, set()
-        for topic in topics:
-            self.hub.remove(topic, client)
-        for topic in topics:
-            await self._release(topic)
-
-    def _lock(self, topic: Topic) -> asyncio.Lock:
-        lock = self._locks.get(topic)
-        if lock is None:
-            lock = self._locks[topic] = asyncio.Lock()
-        return lock
-
-    async def _acquire(self, topic: Topic) -> None:
-        self._refs[topic] += 1
-        if topic in self._engine_topics:
-            return
-        async with self._lock(topic):
-            if topic not in self._engine_topics and self._refs.get(topic, 0) > 0:
-                await self.engine.subscribe(topic)
-                self._engine_topics.add(topic)
-
-    async def _release(self, topic: Topic) -> None:
-        self._refs[topic] -= 1
-        if self._refs[topic] > 0:
-            return
-        del self._refs[topic]
-        lock = self._lock(topic)
-        async with lock:
-            # Re-check under the lock: a subscribe may have come back meanwhile.
-            if self._refs.get(topic, 0) == 0 and topic in self._engine_topics:
-                # Leave the set first, so a concurrent subscribe waits for the lock
-                # and resubscribes after this unsubscribe, not before.
-                self._engine_topics.discard(topic)
-                await self.engine.unsubscribe(topic)
-        if self._refs.get(topic, 0) == 0 and not lock.locked():
-            self._locks.pop(topic, None)
+        """Drop every subscription of a closed connection (and where its device is)."""
+        await self.subscriptions.drop_client(client)
+        await self.devices.disconnect(client)

@@ -299,6 +299,7 @@ class ConnectionState:
     __slots__ = (
         "authenticated",
         "bad_frames",
+        "commands",
         "encoding",
         "max_bad_frames",
         "request_id",
@@ -312,6 +313,9 @@ class ConnectionState:
         self.bad_frames = 0
         self.request_id: object = None
         self.topics: set[Topic] = set()
+        # command id → the worker waiting for the reply, for commands sent to this device
+        # and not answered yet: a reply matching none of them is ignored.
+        self.commands: dict[str, str] = {}
 
     def receive(self, data: bytes | str) -> Request:
         """Decode and validate one message; enforces that ``connect`` comes first.

@@ -25,7 +25,7 @@ from websockets.typing import Subprotocol
 
 from herald.auth import Principal
 from herald.errors import CloseCode, HeraldError, Unauthorized
-from herald.models import Message
+from herald.models import Device, Message
 from herald.node import Node
 from herald.protocol import (
     SUBPROTOCOLS,
@@ -92,6 +92,7 @@ class Connection(asyncio.Protocol):
         self.encoding = Encoding.JSON
         self.state = ConnectionState(self.encoding, max_bad_frames=settings.max_bad_frames)
         self.principal: Principal | None = None
+        self.device: Device | None = None
         self.client_id = ""
         self.alive = True
         self.open = False
@@ -233,11 +234,7 @@ class Connection(asyncio.Protocol):
                     frame["id"] = request.id
                 self.send(frame)
             elif isinstance(request, Reply):
-                # Late, duplicate and unknown replies are ignored, as the protocol says;
-                # commands to devices (and so replies that match one) come with devices.
-                logger.debug(
-                    "reply %s from %s matches no command", request.command_id, self.client_id
-                )
+                await self.node.commands.reply(self, request)
         except HeraldError as exc:
             self.send(error_frame(exc, state.request_id))
             code = state.close_code_for(exc)
@@ -299,10 +296,15 @@ class Connection(asyncio.Protocol):
             )
 
     async def _connect(self, request: Connect) -> None:
-        credential = request.key or request.token
-        if credential is None:
-            raise Unauthorized("device connection keys are not accepted in this version")
-        self.principal = await self.node.authenticate(credential)
+        credential = request.key or request.token or request.connection_key
+        assert credential is not None  # the protocol asks for exactly one
+        principal = await self.node.authenticate(credential)
+        if principal.is_device != (request.connection_key is not None):
+            # Each credential in its own field: a device key is no app key, and back.
+            raise Unauthorized("invalid credentials")
+        if principal.is_device:
+            await self.node.devices.connect(self, principal)
+        self.principal = principal
         self.state.authenticated = True
         if self._timer is not None:
             self._timer.cancel()
@@ -315,9 +317,11 @@ class Connection(asyncio.Protocol):
         }
         if request.id is not None:
             frame["id"] = request.id
+        if self.device is not None:
+            frame["device_id"] = self.device.id
         self.send(frame)
-        if self.principal.is_user:
-            await self.node.resume_subscriptions(self, self.principal)
+        if principal.is_user or principal.is_device:
+            await self.node.resume_subscriptions(self, principal)
 
     # Outgoing
 

@@ -12,7 +12,7 @@ import pytest
 
 from herald.engines.redis import RedisEngine
 from herald.errors import Unavailable
-from herald.models import Channel, Message, Topic
+from herald.models import Channel, Device, Message, Topic
 from tests.support import RedisProcess, wait_until
 
 
@@ -94,3 +94,14 @@ async def test_publish_while_redis_is_down_is_unavailable(
     await wait_until(ready)
     stored = await engine.publish(channel, _draft(channel.topic(), "kept"))
     assert [m.id for m in await engine.history(channel.topic())] == [stored.id]
+
+
+async def test_address_of_a_half_written_device_is_free(engine: RedisEngine) -> None:
+    # Only a shared store can hold an index entry without its record (a write cut short).
+    lost = Device(id="dev-lost", app="halves", address="token-1", platform="ios")
+    await engine.add_device(lost)
+    await engine.redis.delete("herald:{halves}:dev:dev-lost")
+
+    fresh = Device(id="dev-fresh", app="halves", address="token-1", platform="ios")
+    assert await engine.add_device(fresh) is None
+    assert await engine.find_device("halves", "ios", "token-1") == fresh

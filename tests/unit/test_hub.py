@@ -8,7 +8,7 @@ import msgpack
 import orjson
 
 from herald.hub import Hub
-from herald.models import Message, Topic
+from herald.models import Device, Message, Topic
 from herald.protocol import Encoding, encode, message_frame, ws_frame
 
 NEWS = Topic("app", "news")
@@ -18,8 +18,9 @@ OTHER = Topic("app", "other")
 class Recorder:
     """A subscriber that keeps every frame the hub pushes and counts its flushes."""
 
-    def __init__(self, encoding: Encoding) -> None:
+    def __init__(self, encoding: Encoding, device: Device | None = None) -> None:
         self.encoding = encoding
+        self.device = device
         self.frames: list[bytes] = []
         self.flushes = 0
 

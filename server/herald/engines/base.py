@@ -18,11 +18,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from herald.models import (
     App,
     Channel,
+    Device,
     KeyRecord,
     Message,
     Recovery,
@@ -39,6 +40,8 @@ MessageHandler = Callable[[Message], None]
 
 ControlHandler = Callable[[dict[str, Any]], None]
 """Called on every worker for each `Engine.broadcast` event (this worker's included)."""
+
+T = TypeVar("T")
 
 
 class Engine(ABC):
@@ -200,6 +203,52 @@ class Engine(ABC):
     @abstractmethod
     async def forget(self, key: str) -> None:
         """Drop ``key`` (no-op if absent)."""
+
+    @abstractmethod
+    async def add_device(self, device: Device) -> Device | None:
+        """Store a new device, unless its app has one with the same (platform, address):
+        then answer that one and store nothing (atomic: of two racing adds, one stores)."""
+
+    @abstractmethod
+    async def get_device(self, app: str, device_id: str) -> Device | None:
+        """The device, or ``None``."""
+
+    @abstractmethod
+    async def find_device(self, app: str, platform: str, address: str) -> Device | None:
+        """The app's device with that (platform, address), or ``None``."""
+
+    @abstractmethod
+    async def update_device(
+        self, app: str, device_id: str, change: Callable[[Device], T]
+    ) -> tuple[Device, T] | None:
+        """Apply ``change`` to the stored device and store the result; ``None`` if there
+        is no such device.
+
+        No other update interleaves: a store shared by workers retries ``change`` on
+        a fresh copy when another write came first. If ``change`` raises, nothing is
+        stored and the exception propagates. Answers the stored device and what
+        ``change`` returned.
+        """
+
+    @abstractmethod
+    async def delete_device(self, app: str, device_id: str) -> Device | None:
+        """Forget a device and its (platform, address) entry; the removed device, or ``None``."""
+
+    @abstractmethod
+    async def set_connection(self, app: str, device_id: str, client_id: str) -> None:
+        """Record that connection ``client_id`` (``"<worker>/<n>"``) now holds the device."""
+
+    @abstractmethod
+    async def clear_connection(self, app: str, device_id: str, client_id: str) -> None:
+        """Forget the device's connection, if it is still ``client_id`` (atomic)."""
+
+    @abstractmethod
+    async def connections(self, app: str, device_ids: list[str]) -> dict[str, str]:
+        """device id → client id holding it, for those connected to a live worker.
+
+        A worker is live while its last `report_presence` is fresh, so the
+        connections of a worker that died are not answered.
+        """
 
     @abstractmethod
     async def create_app(self, app: App) -> bool:

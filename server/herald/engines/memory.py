@@ -10,14 +10,16 @@ import secrets
 import time
 from bisect import bisect_left, bisect_right
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from herald.engines.base import ControlHandler, Engine, MessageHandler, decide_recovery
 from herald.errors import Unavailable
 from herald.models import (
     App,
     Channel,
+    Device,
     KeyRecord,
     Message,
     Recovery,
@@ -30,6 +32,16 @@ from herald.models import (
 __all__ = ["MemoryEngine"]
 
 _ZERO = (0, 0)
+
+T = TypeVar("T")
+
+
+def _copy(device: Device) -> Device:
+    return Device.from_record(device.to_record())
+
+
+def _identity(device: Device) -> tuple[str, str, str, str]:
+    return (device.id, device.app, device.platform, device.address)
 
 
 @dataclass(slots=True)
@@ -73,6 +85,9 @@ class MemoryEngine(Engine):
         self._channels: dict[tuple[str, str], Channel] = {}
         self._keys: dict[str, KeyRecord] = {}
         self._key_ids: dict[str, str] = {}
+        self._devices: dict[tuple[str, str], Device] = {}  # (app, id) → device
+        self._addresses: dict[tuple[str, str, str], str] = {}  # (app, platform, address) → id
+        self._online: dict[tuple[str, str], str] = {}  # (app, device id) → client id
 
     async def start(
         self, on_message: MessageHandler, on_control: ControlHandler | None = None
@@ -338,3 +353,64 @@ class MemoryEngine(Engine):
         """Forget the channel's entries in both indexes."""
         for target, subscriber in self._subscribers.pop((app, channel), set()):
             self._subscriptions.get((app, subscriber), set()).discard(target)
+
+    async def add_device(self, device: Device) -> Device | None:
+        """Insert unless the (platform, address) is taken; no await in between: atomic."""
+        address = (device.app, device.platform, device.address)
+        held = self._addresses.get(address)
+        if held is not None:
+            return _copy(self._devices[(device.app, held)])
+        self._addresses[address] = device.id
+        self._devices[(device.app, device.id)] = _copy(device)
+        return None
+
+    async def get_device(self, app: str, device_id: str) -> Device | None:
+        """A copy, so callers cannot change the stored record by accident."""
+        device = self._devices.get((app, device_id))
+        return None if device is None else _copy(device)
+
+    async def find_device(self, app: str, platform: str, address: str) -> Device | None:
+        """Follow the address index."""
+        device_id = self._addresses.get((app, platform, address))
+        return None if device_id is None else await self.get_device(app, device_id)
+
+    async def update_device(
+        self, app: str, device_id: str, change: Callable[[Device], T]
+    ) -> tuple[Device, T] | None:
+        """``change`` a copy, then store a copy of it; nothing awaits in between.
+
+        ``change`` must not alter the id, app, platform or address (the index is
+        derived from them): it raises `ValueError` and stores nothing if it does.
+        """
+        stored = self._devices.get((app, device_id))
+        if stored is None:
+            return None
+        device = _copy(stored)
+        result = change(device)
+        if _identity(device) != _identity(stored):
+            raise ValueError("a device's id, app, platform and address cannot change")
+        self._devices[(app, device_id)] = _copy(device)
+        return device, result
+
+    async def delete_device(self, app: str, device_id: str) -> Device | None:
+        """Drop the record, its address entry and its connection."""
+        device = self._devices.pop((app, device_id), None)
+        if device is None:
+            return None
+        self._addresses.pop((app, device.platform, device.address), None)
+        self._online.pop((app, device_id), None)
+        return device
+
+    async def set_connection(self, app: str, device_id: str, client_id: str) -> None:
+        """Record (or replace) the device's connection."""
+        self._online[(app, device_id)] = client_id
+
+    async def clear_connection(self, app: str, device_id: str, client_id: str) -> None:
+        """Forget the connection unless a newer one replaced it."""
+        if self._online.get((app, device_id)) == client_id:
+            del self._online[(app, device_id)]
+
+    async def connections(self, app: str, device_ids: list[str]) -> dict[str, str]:
+        """Every recorded connection: the one worker is this process, alive while asked."""
+        found = ((device_id, self._online.get((app, device_id))) for device_id in device_ids)
+        return {device_id: client for device_id, client in found if client is not None}

@@ -35,6 +35,7 @@ from redis.exceptions import RedisError
 
 from herald.engines.base import ControlHandler, Engine, MessageHandler, decide_recovery
 from herald.engines.redis_batch import PublishBatcher, Submission
+from herald.engines.redis_devices import RedisDevices
 from herald.engines.redis_records import RedisRecords
 from herald.errors import Unavailable
 from herald.models import (
@@ -159,7 +160,7 @@ class _Subscription:
     catching_up: list[Message] | None = None
 
 
-class RedisEngine(RedisRecords, Engine):
+class RedisEngine(RedisRecords, RedisDevices, Engine):
     """Engine backed by one Redis server (Redis >= 7)."""
 
     def __init__(self, url: str) -> None:
