@@ -141,25 +141,29 @@ class Hub:
         if entry.floors:
             self._deliver_past_floors(entry, message)
             return
+        frames: dict[Encoding, bytes] = {}
         if message.audience is None:
             if entry.json:
-                frame = frame_bytes(message, Encoding.JSON)
+                frame = frames[Encoding.JSON] = frame_bytes(message, Encoding.JSON)
                 for subscriber in entry.json:
                     subscriber.push(frame)
             if entry.msgpack:
-                frame = frame_bytes(message, Encoding.MSGPACK)
+                frame = frames[Encoding.MSGPACK] = frame_bytes(message, Encoding.MSGPACK)
                 for subscriber in entry.msgpack:
                     subscriber.push(frame)
         if entry.devices:
-            self._deliver_to_devices(entry.devices, message, ())
+            self._deliver_to_devices(entry.devices, message, (), frames)
 
     @staticmethod
     def _deliver_to_devices(
-        devices: dict[Subscriber, None], message: Message, skip: Collection[Subscriber]
+        devices: dict[Subscriber, None],
+        message: Message,
+        skip: Collection[Subscriber],
+        frames: dict[Encoding, bytes],
     ) -> None:
-        """Each device that sees the message gets it; each encoding is framed once."""
+        """Each device that sees the message gets it; ``frames`` holds the frames
+        made already (each encoding is framed once per message)."""
         audience = message.audience
-        frames: dict[Encoding, bytes] = {}
         for subscriber in devices:
             device = subscriber.device
             assert device is not None
@@ -177,15 +181,16 @@ class Hub:
         key = offset_key(message.id)
         skip = {s for s, floor in entry.floors.items() if key <= floor}
         entry.floors = {s: floor for s, floor in entry.floors.items() if key <= floor}
+        frames: dict[Encoding, bytes] = {}
         if message.audience is None:
             for live, encoding in ((entry.json, Encoding.JSON), (entry.msgpack, Encoding.MSGPACK)):
                 if live:
-                    frame = frame_bytes(message, encoding)
+                    frame = frames[encoding] = frame_bytes(message, encoding)
                     for subscriber in live:
                         if subscriber not in skip:
                             subscriber.push(frame)
         if entry.devices:
-            self._deliver_to_devices(entry.devices, message, skip)
+            self._deliver_to_devices(entry.devices, message, skip, frames)
 
     def schedule_flush(self, subscriber: Subscriber) -> None:
         """Have ``subscriber.flush()`` called once, at the next flush of the hub.

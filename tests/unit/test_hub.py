@@ -294,3 +294,40 @@ def test_a_late_broker_delivery_of_a_replayed_message_is_not_sent_twice() -> Non
     # Past the floor the fast path is back, with no floor left to check.
     hub.deliver(message(3))
     assert _ids(fresh) == [6, 7, 3]
+
+
+def device(device_id: str, *tags: str, opt_in: bool = True) -> Device:
+    """A device with ``tags`` in its ``device`` group."""
+    return Device(
+        id=device_id,
+        app="app",
+        address=device_id,
+        platform="toy",
+        opt_in=opt_in,
+        tags={"device": list(tags)},
+    )
+
+
+def test_audience_selects_devices_and_skips_everyone_else() -> None:
+    hub = Hub()
+    plain = Recorder(Encoding.JSON)
+    toaster = Recorder(Encoding.JSON, device("d1", "toaster"))
+    lamp = Recorder(Encoding.MSGPACK, device("d2", "lamp"))
+    opted_out = Recorder(Encoding.JSON, device("d3", "toaster", opt_in=False))
+    for subscriber in (plain, toaster, lamp, opted_out):
+        live(hub, NEWS, subscriber)
+
+    targeted = message(1)
+    targeted.audience = {"tag": "toaster", "group": "device"}
+    hub.deliver(targeted)
+    hub.deliver(message(2))
+
+    assert [len(s.frames) for s in (plain, toaster, lamp, opted_out)] == [1, 2, 1, 0]
+    # Devices and plain subscribers of one encoding share the frame of a message.
+    assert toaster.frames[1] is plain.frames[0]
+    assert orjson.loads(payload_of(toaster.frames[0]))["id"] == "1000-1"
+    assert msgpack.unpackb(payload_of(lamp.frames[0]), raw=False)["id"] == "1000-2"
+
+    hub.remove(NEWS, toaster)
+    assert hub.subscribers(NEWS) == 3
+    assert set(hub.listeners(NEWS)) == {plain, lamp, opted_out}
