@@ -542,24 +542,34 @@ def test_add_then_remove_restores(
 @given(
     current=currents,
     group=st.sampled_from(GROUPS),
-    size=st.integers(min_value=0, max_value=MAX_TAGS),
-    extra=st.integers(min_value=0, max_value=5),
+    # Near-full groups often, so that the boundary itself is tried.
+    size=st.integers(min_value=0, max_value=MAX_TAGS)
+    | st.integers(min_value=95, max_value=MAX_TAGS),
+    removed=st.integers(min_value=0, max_value=4),
+    extra=st.integers(min_value=0, max_value=6),
+    again=st.booleans(),
 )
-def test_add_respects_the_limit(
-    current: dict[str, list[str]], group: str, size: int, extra: int
+def test_add_respects_the_limit_after_remove(
+    current: dict[str, list[str]], group: str, size: int, removed: int, extra: int, again: bool
 ) -> None:
     current = {g: v for g, v in current.items() if g != group}
     if size:
         current[group] = many(size)
-    added = many(size + extra)  # the first ``size`` are there already
-    body = {"add": {group: added, "other": ["z"]}}
+    removed = min(removed, size)
+    kept = many(size)[removed:]
+    # Tags the group holds already do not count again.
+    added = many(extra, "new") + (kept[:3] if again else [])
+    body = {"remove": {group: many(removed)}, "add": {group: added, "other": ["z"]}}
     tags, warnings = change_tags(current, body)
-    if size + extra > MAX_TAGS:
-        assert [w["path"] for w in warnings] == [f"add.{group}"]
-        assert tags.get(group) == current.get(group)
+    if len(kept) + extra > MAX_TAGS:
+        assert warnings == [
+            {"path": f"add.{group}", "detail": f"add.{group} would take the group past 100 tags"}
+        ]
+        assert tags.get(group, []) == kept
     else:
         assert warnings == []
-        assert tags.get(group, []) == added
+        assert tags.get(group, []) == kept + many(extra, "new")
+    assert tags["other"] == ["z"]
     check_tags(tags)
 
 
