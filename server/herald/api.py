@@ -15,7 +15,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from herald.auth import Principal
 from herald.channels import parse_channel
-from herald.errors import BadRequest, HeraldError, PayloadTooLarge, Unauthorized, Unavailable
+from herald.errors import (
+    BadRequest,
+    HeraldError,
+    PayloadTooLarge,
+    TooManyRequests,
+    Unauthorized,
+    Unavailable,
+)
 from herald.models import Channel, parse_offset
 from herald.node import Node
 
@@ -67,7 +74,7 @@ def respond(
 
 def _error_response(request: Request, error: HeraldError) -> Response:
     headers = {}
-    if isinstance(error, Unavailable):
+    if isinstance(error, Unavailable | TooManyRequests):
         headers["Retry-After"] = str(error.retry_after)
     if isinstance(error, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"

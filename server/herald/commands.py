@@ -27,6 +27,7 @@ from herald.errors import (
     GatewayTimeout,
     NotFound,
     PayloadTooLarge,
+    TooManyRequests,
 )
 from herald.protocol import Reply
 from herald.subscriptions import Client
@@ -40,7 +41,6 @@ logger = logging.getLogger("herald.commands")
 
 _DEFAULT_TIMEOUT_MS = 5000
 _MAX_TIMEOUT_MS = 60_000
-_MAX_OUTSTANDING = 1000  # unanswered commands one connection remembers
 CHREF = "chref:"
 
 
@@ -117,6 +117,7 @@ class Commands:
                     "command_id": command_id,
                     "payload": payload,
                     "origin": self.node.name,
+                    "timeout": timeout,
                 }
             )
             async with asyncio.timeout(timeout):
@@ -145,16 +146,27 @@ class Commands:
             else:
                 self._deliver(event)
         elif kind == "reply" and event.get("origin") == self.node.name:
-            self._settle(event["command_id"], event["app"], event["device_id"], event["payload"])
+            if event.get("refused"):
+                self._refuse(event["command_id"])
+            else:
+                self._settle(
+                    event["command_id"], event["app"], event["device_id"], event["payload"]
+                )
 
     def _deliver(self, event: dict[str, Any]) -> None:
         client = self.node.devices.connected.get((event["app"], event["device_id"]))
         if client is None or client.client_id != event["client_id"]:
             return  # not here (or no longer): the caller times out
+        now = asyncio.get_running_loop().time()
         commands = client.state.commands
-        if len(commands) >= _MAX_OUTSTANDING:
-            del commands[next(iter(commands))]
-        commands[event["command_id"]] = event["origin"]
+        for command_id in [c for c, (_, until) in commands.items() if until <= now]:
+            del commands[command_id]  # nobody waits for these any more
+        if len(commands) >= self.node.settings.max_pending_commands:
+            self.node.subscriptions.spawn(
+                self.engine.broadcast({**event, "type": "reply", "refused": True, "payload": None})
+            )
+            return
+        commands[event["command_id"]] = (event["origin"], now + event["timeout"])
         client.send(
             {"op": "command", "command_id": event["command_id"], "payload": event["payload"]}
         )
@@ -177,13 +189,14 @@ class Commands:
 
     async def reply(self, client: Client, request: Reply) -> None:
         """A device's ``reply``: hand it to the worker that waits, if any does."""
-        origin = client.state.commands.pop(request.command_id, None)
+        pending = client.state.commands.pop(request.command_id, None)
         device = client.device
-        if origin is None or device is None:
+        if pending is None or device is None:
             logger.debug(
                 "reply %s from %s matches no command", request.command_id, client.client_id
             )
             return
+        origin = pending[0]
         if origin == self.node.name:
             self._settle(request.command_id, device.app, device.id, request.payload)
             return
@@ -197,6 +210,17 @@ class Commands:
                 "origin": origin,
             }
         )
+
+    def _refuse(self, command_id: str) -> None:
+        waiting = self._waiting.get(command_id)
+        if waiting is not None and not waiting.reply.done():
+            limit = self.node.settings.max_pending_commands
+            waiting.reply.set_exception(
+                TooManyRequests(
+                    f"device {waiting.device_id!r} has {limit} commands unanswered already",
+                    code="too_many_pending_commands",
+                )
+            )
 
     def _settle(self, command_id: str, app: str, device_id: str, payload: Any) -> None:
         waiting = self._waiting.get(command_id)

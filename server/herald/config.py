@@ -83,6 +83,23 @@ class Settings:
     max_history_size: int = 100_000
     """Largest ``history_size`` a channel may ask for, in messages. Default 100 000."""
 
+    publish_rate: float = 0.0
+    """Publishes per second one credential (key, user or device) may make on one
+    worker, with bursts of one second's worth; past it 429 with ``Retry-After``.
+    Each worker counts its own. Default 0: unlimited."""
+
+    max_connections_per_ip: int = 0
+    """WebSocket connections one client address may hold on one worker (close 4009
+    past it). Default 0: unlimited."""
+
+    allowed_origins: str = ""
+    """Comma-separated ``Origin`` values browsers may connect from (403 at the
+    handshake otherwise); clients that send no Origin are not browsers and are let
+    in. Default empty: any origin."""
+
+    max_pending_commands: int = 100
+    """Commands a device may have unanswered at once (429 past it). Default 100."""
+
     websocket_compression: bool = False
     """Offer permessage-deflate. Off by default: it costs ~50 KiB per connection and
     makes every subscriber's frame different, which defeats encode-once fan-out."""
@@ -117,9 +134,22 @@ class Settings:
             )
         if self.log_format not in ("text", "json"):
             raise ConfigError("--log-format must be 'text' or 'json'")
-        for name in ("max_payload_bytes", "max_frame_bytes", "outbox_limit_bytes"):
+        for name in (
+            "max_payload_bytes",
+            "max_frame_bytes",
+            "outbox_limit_bytes",
+            "max_pending_commands",
+        ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        for name in ("publish_rate", "max_connections_per_ip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be 0 (unlimited) or more")
+
+    @property
+    def origins(self) -> list[str]:
+        """``allowed_origins`` as a list (empty: any origin)."""
+        return [o.strip() for o in self.allowed_origins.split(",") if o.strip()]
 
     def to_env(self) -> dict[str, str]:
         """``HERALD_*`` variables that rebuild these settings (for worker processes)."""

@@ -19,6 +19,7 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "ProtocolError",
+    "TooManyRequests",
     "Unauthorized",
     "Unavailable",
 ]
@@ -128,6 +129,17 @@ class PayloadTooLarge(HeraldError):
 
     status = 413
     code = "payload_too_large"
+
+
+class TooManyRequests(HeraldError):
+    """429: a rate or a count limit was reached; ``retry_after`` seconds may help."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, detail: str, *, retry_after: int = 1, code: str | None = None) -> None:
+        super().__init__(detail, code=code)
+        self.retry_after = retry_after
 
 
 class GatewayTimeout(HeraldError):

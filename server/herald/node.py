@@ -32,9 +32,11 @@ from herald.errors import (
     HeraldError,
     NotFound,
     PayloadTooLarge,
+    TooManyRequests,
 )
 from herald.hub import Hub
 from herald.identity import Identity, install_bootstrap_key
+from herald.limits import RateLimiter
 from herald.models import Channel, Message, Topic, check_name, parse_offset
 from herald.protocol import Subscribe, Unsubscribe
 from herald.subscriptions import Client, Subscriptions
@@ -83,9 +85,11 @@ class Node:
         self._channels = ChannelCache(engine.get_channel)
         self.identity = Identity(engine)
         self.devices = Devices(self)
+        self._rates = RateLimiter(settings.publish_rate) if settings.publish_rate else None
         self.commands = Commands(self)
         self.clients: set[Any] = set()
         """Open WebSocket connections of this worker (for keepalive and shutdown)."""
+        self._addresses: dict[str, int] = {}
 
     async def start(self) -> None:
         """Start the engine; install ``settings.admin_key`` as the bootstrap key if given."""
@@ -106,6 +110,22 @@ class Node:
             self._channels.forget(app, name)
             if kind == "channel_closed":
                 self.subscriptions.close_channel(app, name)
+
+    def hold_address(self, address: str) -> bool:
+        """Count one more connection from ``address``, unless it holds the most
+        ``max_connections_per_ip`` allows already (then ``False``)."""
+        held = self._addresses.get(address, 0)
+        limit = self.settings.max_connections_per_ip
+        if limit and held >= limit:
+            return False
+        self._addresses[address] = held + 1
+        return True
+
+    def release_address(self, address: str) -> None:
+        """Count one connection from ``address`` less."""
+        held = self._addresses.pop(address, 0) - 1
+        if held > 0:
+            self._addresses[address] = held
 
     async def stop(self) -> None:
         """Release the engine."""
@@ -297,12 +317,24 @@ class Node:
 
         With an ``audience``, only the device subscribers it selects receive it.
         """
+        self._spend_rate(principal, 1)
         channel = await self._publishable(principal, name)
         message = self._message(principal, channel, payload, room, metadata, audience)
         stored = await self.engine.publish(channel, message)
         if channel.idle_timeout:
             await self._touch_idle(channel)
         return stored
+
+    def _spend_rate(self, principal: Principal, cost: int) -> None:
+        if self._rates is None:
+            return
+        credential = f"{principal.app}|{principal.kind}|{principal.id}"
+        wait = self._rates.take(credential, time.monotonic(), cost)
+        if wait:
+            raise TooManyRequests(
+                f"this credential may publish {self._rates.rate:g} messages a second",
+                retry_after=RateLimiter.retry_after(wait),
+            )
 
     async def _publishable(self, principal: Principal, name: str) -> Channel:
         channel = await self._channels.get(principal.app, name)
@@ -350,6 +382,7 @@ class Node:
         round trip. A failing item does not stop the others. Each channel is
         looked up and checked once per batch.
         """
+        self._spend_rate(principal, len(items))
         results: list[Message | HeraldError | None] = []
         accepted: list[tuple[Channel, Message]] = []
         channels: dict[str, Channel | HeraldError] = {}

@@ -313,9 +313,10 @@ class ConnectionState:
         self.bad_frames = 0
         self.request_id: object = None
         self.topics: set[Topic] = set()
-        # command id → the worker waiting for the reply, for commands sent to this device
-        # and not answered yet: a reply matching none of them is ignored.
-        self.commands: dict[str, str] = {}
+        # command id → (the worker waiting for the reply, when it stops waiting), for
+        # commands sent to this device and not answered yet: a reply matching none of
+        # them is ignored.
+        self.commands: dict[str, tuple[str, float]] = {}
 
     def receive(self, data: bytes | str) -> Request:
         """Decode and validate one message; enforces that ``connect`` comes first.

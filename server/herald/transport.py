@@ -21,10 +21,10 @@ from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFact
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
-from websockets.typing import Subprotocol
+from websockets.typing import Origin, Subprotocol
 
 from herald.auth import Principal
-from herald.errors import CloseCode, HeraldError, Unauthorized
+from herald.errors import CloseCode, HeraldError, TooManyRequests, Unauthorized
 from herald.models import Device, Message
 from herald.node import Node
 from herald.protocol import (
@@ -80,7 +80,11 @@ class Connection(asyncio.Protocol):
         self._limit = settings.outbox_limit_bytes
         self._server_connections: set[Any] = server_state.connections
         extensions = [ServerPerMessageDeflateFactory()] if settings.websocket_compression else None
+        # None in the list lets in clients that send no Origin: they are not browsers,
+        # and the setting exists to stop other sites' pages from using a user's cookies.
+        origins = [*map(Origin, settings.origins), None] if settings.origins else None
         self.ws = ServerProtocol(
+            origins=origins,
             subprotocols=[Subprotocol(s) for s in SUBPROTOCOLS],
             select_subprotocol=_select_subprotocol,
             extensions=extensions,
@@ -106,6 +110,7 @@ class Connection(asyncio.Protocol):
         self._paused = False
         self._timer: asyncio.TimerHandle | None = None
         self._publishing: set[asyncio.Task[Message]] = set()
+        self._address: str | None = None  # counted in the node's connections per address
 
     # asyncio.Protocol
 
@@ -124,6 +129,9 @@ class Connection(asyncio.Protocol):
             self._timer.cancel()
         if self._worker is not None:
             self._worker.cancel()
+        if self._address is not None:
+            self.node.release_address(self._address)
+            self._address = None
         if self.open:
             self.open = False
             self.node.clients.discard(self)
@@ -168,6 +176,21 @@ class Connection(asyncio.Protocol):
         self.client_id = f"{self.node.name}/{next(_ids)}"
         self.open = True
         self.node.clients.add(self)
+        assert self.transport is not None
+        peer = self.transport.get_extra_info("peername")
+        address = str(peer[0]) if peer else "unknown"
+        if not self.node.hold_address(address):
+            # Refused after the upgrade: a close code is what a WebSocket client sees.
+            # The handshake response goes out first, ahead of the frames.
+            self._write_protocol_data()
+            limit = self.node.settings.max_connections_per_ip
+            error = TooManyRequests(
+                f"at most {limit} connections per address", code="too_many_connections"
+            )
+            self.send(error_frame(error))
+            self.close(CloseCode.TOO_MANY_CONNECTIONS, error.detail)
+            return
+        self._address = address
         self._timer = self.loop.call_later(
             self.node.settings.connect_timeout, self._connect_timeout
         )
