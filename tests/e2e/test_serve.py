@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.e2e.conftest import open_api, open_client
+from tests.e2e.conftest import open_api, open_client, open_socket
 from tests.support import ServerProcess, free_port, scaled, start_server
 
 SERVICE_RESTART = 1012
@@ -89,3 +89,29 @@ async def test_sigterm_closes_sockets_with_1012_and_exits_0(
     code = await asyncio.to_thread(fresh_server.proc.wait, scaled(15))
     assert code == 0, fresh_server.log()
     assert "Traceback" not in fresh_server.log()
+
+
+async def test_sigterm_lets_in_flight_http_requests_finish(fresh_server: ServerProcess) -> None:
+    async with open_api(fresh_server) as api:
+        registered = await api.http.post(
+            "/v1/devices", json={"device": {"address": "lamp-1", "platform": "lamp"}}
+        )
+        device_id = registered.json()["data"]["device_id"]
+        key = registered.json()["data"]["connection_key"]
+        async with open_socket(fresh_server) as device:
+            answer = await device.request({"op": "connect", "id": 1, "connection_key": key})
+            assert answer["op"] == "connected"
+            # A request that takes a while: a command waiting up to 1.5 s for a reply.
+            call = asyncio.create_task(
+                api.http.post(
+                    f"/v1/devices/{device_id}/commands", json={"payload": 1, "timeout_ms": 1500}
+                )
+            )
+            assert (await device.recv())["op"] == "command"
+            fresh_server.proc.send_signal(signal.SIGTERM)
+            assert await device.close_code(timeout=10) == SERVICE_RESTART
+            # The socket went at once, the HTTP request got its answer in full.
+            response = await call
+            assert (response.status_code, response.json()["code"]) == (504, "timeout")
+    code = await asyncio.to_thread(fresh_server.proc.wait, scaled(15))
+    assert code == 0, fresh_server.log()
