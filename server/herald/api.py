@@ -238,9 +238,9 @@ async def publish(request: Request) -> Response:
     item = {**body, "channel": request.path_params["name"]}
     idempotency_key = request.headers.get("idempotency-key")
     if idempotency_key is None:
-        message = await node_of(request).publish_item(principal, item)
+        message = await node_of(request).publisher.publish_item(principal, item)
     else:
-        message = await node_of(request).publish_once(principal, item, idempotency_key)
+        message = await node_of(request).publisher.publish_once(principal, item, idempotency_key)
     return respond(request, message.to_api(), 201)
 
 
@@ -252,7 +252,7 @@ async def publish_batch(request: Request) -> Response:
         raise BadRequest("the body must be a list of publishes")
     if len(body) > _MAX_BATCH:
         raise PayloadTooLarge(f"a batch holds at most {_MAX_BATCH} publishes")
-    results = await node_of(request).publish_many(principal, body)
+    results = await node_of(request).publisher.publish_many(principal, body)
     return respond(
         request,
         [

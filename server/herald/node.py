@@ -1,8 +1,9 @@
 """The node: owns the engine and the hub, and does what HTTP and WebSocket ask.
 
-It reference-counts this worker's topic subscriptions with the engine and
-merges history with live messages on subscribe, so a client sees every
-message once, in order, whatever races its subscribe.
+It holds one worker's parts — identity, channels, publishing
+(`herald.publishing`), live subscriptions (`herald.subscriptions`), devices and
+commands — and routes the engine's control events to them. Channel and
+subscribe permissions are checked here.
 """
 
 from __future__ import annotations
@@ -14,12 +15,9 @@ import socket
 import time
 from typing import Any
 
-import msgpack
-
-from herald.audience import parse_audience
-from herald.auth import Principal, can_edit, can_publish, can_read, require_scope
+from herald.auth import Principal, can_edit, can_read, require_scope
 from herald.cache import ChannelCache
-from herald.channels import parse_metadata, payload_size, update_channel
+from herald.channels import update_channel
 from herald.commands import Commands
 from herald.config import Settings
 from herald.devices import Devices
@@ -31,36 +29,17 @@ from herald.errors import (
     Gone,
     HeraldError,
     NotFound,
-    PayloadTooLarge,
-    TooManyRequests,
 )
 from herald.hub import Hub
 from herald.identity import Identity, install_bootstrap_key
-from herald.limits import RateLimiter
-from herald.models import Channel, Message, Topic, check_name, parse_offset
+from herald.models import Channel, Message, Topic, parse_offset
 from herald.protocol import Subscribe, Unsubscribe
+from herald.publishing import Publisher
 from herald.subscriptions import Client, Subscriptions
 
 __all__ = ["Client", "Node", "subscriber_id", "subscription_target"]
 
 logger = logging.getLogger("herald.node")
-
-_ITEM_FIELDS = {"channel", "payload", "room", "metadata", "audience"}
-_IDEMPOTENCY_TTL = 600  # seconds a retry with the same Idempotency-Key gets the first answer
-_PENDING = b"\x00pending"
-
-
-def _parse_item(item: Any) -> tuple[str, Any, object, object, object]:
-    """(channel, payload, room, metadata, audience) of a publish request object."""
-    if not isinstance(item, dict):
-        raise BadRequest("each item must be an object")
-    if not item.keys() <= _ITEM_FIELDS:
-        unknown = sorted(item.keys() - _ITEM_FIELDS)[0]
-        raise BadRequest(f"unknown field {unknown!r}", path=unknown)
-    if "payload" not in item:
-        raise BadRequest("payload is required", path="payload")
-    channel = check_name(item.get("channel"), "channel")
-    return channel, item["payload"], item.get("room"), item.get("metadata"), item.get("audience")
 
 
 def subscriber_id(principal: Principal) -> str:
@@ -85,7 +64,7 @@ class Node:
         self._channels = ChannelCache(engine.get_channel)
         self.identity = Identity(engine)
         self.devices = Devices(self)
-        self._rates = RateLimiter(settings.publish_rate) if settings.publish_rate else None
+        self.publisher = Publisher(settings, engine, self._channels, self.touch_idle)
         self.commands = Commands(self)
         self.clients: set[Any] = set()
         """Open WebSocket connections of this worker (for keepalive and shutdown)."""
@@ -153,7 +132,7 @@ class Node:
         if not await self.engine.create_channel(channel):
             raise Conflict(f"channel {channel.name!r} exists already", path="name")
         if channel.idle_timeout:
-            await self._touch_idle(channel)
+            await self.touch_idle(channel)
         if principal.is_user and channel.type == "default":
             # The owner follows what it made (App.net's rule): on its next connect too.
             await self.engine.add_subscription(channel.app, channel.name, subscriber_id(principal))
@@ -193,7 +172,7 @@ class Node:
             raise Gone(f"channel {name!r} is closed")
         update_channel(channel, body, self.settings)
         await self.engine.save_channel(channel)
-        await self._touch_idle(channel)
+        await self.touch_idle(channel)
         self._channels.forget(channel.app, name)  # here at once; elsewhere by the event
         await self.engine.broadcast({"type": "channel_changed", "app": channel.app, "name": name})
         return channel
@@ -237,7 +216,8 @@ class Node:
             except HeraldError as exc:  # the engine is away: try again next round
                 logger.warning("idle sweep skipped: %s", exc.detail)
 
-    async def _touch_idle(self, channel: Channel) -> None:
+    async def touch_idle(self, channel: Channel) -> None:
+        """Push back (or set) when an idle channel closes itself: it was just used."""
         deadline = time.time() + channel.idle_timeout if channel.idle_timeout else None
         await self.engine.touch_idle(channel.app, channel.name, deadline)
 
@@ -302,152 +282,6 @@ class Node:
             await asyncio.sleep(interval)
 
     # Messages
-
-    async def publish(
-        self,
-        principal: Principal,
-        name: str,
-        *,
-        payload: Any,
-        room: object = None,
-        metadata: object = None,
-        audience: object = None,
-    ) -> Message:
-        """Validate, store in history and hand to the broker. Never waits for subscribers.
-
-        With an ``audience``, only the device subscribers it selects receive it.
-        """
-        self._spend_rate(principal, 1)
-        channel = await self._publishable(principal, name)
-        message = self._message(principal, channel, payload, room, metadata, audience)
-        stored = await self.engine.publish(channel, message)
-        if channel.idle_timeout:
-            await self._touch_idle(channel)
-        return stored
-
-    def _spend_rate(self, principal: Principal, cost: int) -> None:
-        if self._rates is None:
-            return
-        credential = f"{principal.app}|{principal.kind}|{principal.id}"
-        wait = self._rates.take(credential, time.monotonic(), cost)
-        if wait:
-            raise TooManyRequests(
-                f"this credential may publish {self._rates.rate:g} messages a second",
-                retry_after=RateLimiter.retry_after(wait),
-            )
-
-    async def _publishable(self, principal: Principal, name: str) -> Channel:
-        channel = await self._channels.get(principal.app, name)
-        if channel is None:
-            raise NotFound("Not found")
-        if not can_publish(principal, channel):
-            raise Forbidden(f"this credential may not publish on channel {name!r}")
-        if channel.is_inactive:
-            raise Gone(f"channel {name!r} is closed")
-        return channel
-
-    def _message(
-        self,
-        principal: Principal,
-        channel: Channel,
-        payload: Any,
-        room: object,
-        metadata: object,
-        audience: object,
-    ) -> Message:
-        room_name = channel.check_room(room)
-        if payload_size(payload, "payload") > self.settings.max_payload_bytes:
-            raise PayloadTooLarge(
-                f"payload is larger than {self.settings.max_payload_bytes} bytes", path="payload"
-            )
-        return Message(
-            id="",
-            app=channel.app,
-            channel=channel.name,
-            room=room_name,
-            payload=payload,
-            author=principal.author,
-            created_at="",
-            metadata=parse_metadata(metadata, self.settings),
-            audience=None if audience is None else parse_audience(audience),
-        )
-
-    async def publish_many(
-        self, principal: Principal, items: list[Any]
-    ) -> list[Message | HeraldError]:
-        """Publish each item (``{channel, payload, room?, metadata?}``); one result per item.
-
-        Valid items are handed to the engine together, in list order: publishes
-        to one topic keep the order of the list, and with Redis they share one
-        round trip. A failing item does not stop the others. Each channel is
-        looked up and checked once per batch.
-        """
-        self._spend_rate(principal, len(items))
-        results: list[Message | HeraldError | None] = []
-        accepted: list[tuple[Channel, Message]] = []
-        channels: dict[str, Channel | HeraldError] = {}
-        # Read the batch's channels at once, not one round trip after another.
-        names = {item.get("channel") for item in items if isinstance(item, dict)}
-        cold = self._channels.missing(principal.app, {n for n in names if isinstance(n, str)})
-        if cold:
-            await asyncio.gather(
-                *(self._channels.get(principal.app, name) for name in cold),
-                return_exceptions=True,
-            )
-        for item in items:
-            try:
-                name, payload, room, metadata, audience = _parse_item(item)
-                channel = channels.get(name)
-                if channel is None:
-                    try:
-                        channel = await self._publishable(principal, name)
-                    except HeraldError as exc:
-                        channel = exc
-                    channels[name] = channel
-                if isinstance(channel, HeraldError):
-                    raise channel
-                accepted.append(
-                    (
-                        channel,
-                        self._message(principal, channel, payload, room, metadata, audience),
-                    )
-                )
-                results.append(None)
-            except HeraldError as exc:
-                results.append(exc)
-        stored = iter(await self.engine.publish_many(accepted))
-        for channel in {c.name: c for c, _ in accepted if c.idle_timeout}.values():
-            await self._touch_idle(channel)
-        return [next(stored) if result is None else result for result in results]
-
-    async def publish_item(self, principal: Principal, item: Any) -> Message:
-        """Validate one publish request object (as a batch item) and publish it."""
-        channel, payload, room, metadata, audience = _parse_item(item)
-        return await self.publish(
-            principal, channel, payload=payload, room=room, metadata=metadata, audience=audience
-        )
-
-    async def publish_once(self, principal: Principal, item: Any, idempotency_key: str) -> Message:
-        """`publish_item`, unless a request with this key from this caller was published
-        in the last 10 minutes: then the first message, and nothing new is published."""
-        if not 0 < len(idempotency_key) <= 255 or not idempotency_key.isprintable():
-            raise BadRequest(
-                "Idempotency-Key must be 1-255 printable characters", path="Idempotency-Key"
-            )
-        key = f"idem|{principal.app}|{principal.kind}|{principal.id}|{idempotency_key}"
-        held = await self.engine.put_if_absent(key, _PENDING, _IDEMPOTENCY_TTL)
-        if held == _PENDING:
-            raise Conflict("a request with this Idempotency-Key is still in progress")
-        if held is not None:
-            return Message.from_record(msgpack.unpackb(held, raw=False))
-        try:
-            message = await self.publish_item(principal, item)
-        except BaseException:
-            await self.engine.forget(key)  # it failed: a retry may try again
-            raise
-        record = msgpack.packb(message.to_record(), use_bin_type=True)
-        await self.engine.put(key, record, _IDEMPOTENCY_TTL)
-        return message
 
     async def history(
         self,

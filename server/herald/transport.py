@@ -287,7 +287,7 @@ class Connection(asyncio.Protocol):
         while len(self._publishing) >= _MAX_PUBLISHING:
             await asyncio.wait(self._publishing, return_when=asyncio.FIRST_COMPLETED)
         task = self.loop.create_task(
-            self.node.publish(
+            self.node.publisher.publish(
                 self.principal,
                 request.channel,
                 payload=request.payload,

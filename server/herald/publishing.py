@@ -1,0 +1,217 @@
+"""Publishing: validate, rate-limit and hand messages to the engine.
+
+Publishes are checked against a cached channel record (the channel cache is
+refreshed by control events on every worker) so the publish path costs the
+engine one round trip, shared by a whole batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgpack
+
+from herald.audience import parse_audience
+from herald.auth import Principal, can_publish
+from herald.cache import ChannelCache
+from herald.channels import parse_metadata, payload_size
+from herald.config import Settings
+from herald.engines.base import Engine
+from herald.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    Gone,
+    HeraldError,
+    NotFound,
+    PayloadTooLarge,
+    TooManyRequests,
+)
+from herald.limits import RateLimiter
+from herald.models import Channel, Message, check_name
+
+__all__ = ["Publisher"]
+
+_ITEM_FIELDS = {"channel", "payload", "room", "metadata", "audience"}
+_IDEMPOTENCY_TTL = 600  # seconds a retry with the same Idempotency-Key gets the first answer
+_PENDING = b"\x00pending"
+
+
+def _parse_item(item: Any) -> tuple[str, Any, object, object, object]:
+    """(channel, payload, room, metadata, audience) of a publish request object."""
+    if not isinstance(item, dict):
+        raise BadRequest("each item must be an object")
+    if not item.keys() <= _ITEM_FIELDS:
+        unknown = sorted(item.keys() - _ITEM_FIELDS)[0]
+        raise BadRequest(f"unknown field {unknown!r}", path=unknown)
+    if "payload" not in item:
+        raise BadRequest("payload is required", path="payload")
+    channel = check_name(item.get("channel"), "channel")
+    return channel, item["payload"], item.get("room"), item.get("metadata"), item.get("audience")
+
+
+class Publisher:
+    """The publish operations of one worker."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        engine: Engine,
+        channels: ChannelCache,
+        touch_idle: Callable[[Channel], Awaitable[None]],
+    ) -> None:
+        self.settings = settings
+        self.engine = engine
+        self._channels = channels
+        self._touch_idle = touch_idle
+        self._rates = RateLimiter(settings.publish_rate) if settings.publish_rate else None
+
+    async def publish(
+        self,
+        principal: Principal,
+        name: str,
+        *,
+        payload: Any,
+        room: object = None,
+        metadata: object = None,
+        audience: object = None,
+    ) -> Message:
+        """Validate, store in history and hand to the broker. Never waits for subscribers.
+
+        With an ``audience``, only the device subscribers it selects receive it.
+        """
+        self._spend_rate(principal, 1)
+        channel = await self._publishable(principal, name)
+        message = self._message(principal, channel, payload, room, metadata, audience)
+        stored = await self.engine.publish(channel, message)
+        if channel.idle_timeout:
+            await self._touch_idle(channel)
+        return stored
+
+    def _spend_rate(self, principal: Principal, cost: int) -> None:
+        if self._rates is None:
+            return
+        credential = f"{principal.app}|{principal.kind}|{principal.id}"
+        wait = self._rates.take(credential, time.monotonic(), cost)
+        if wait:
+            raise TooManyRequests(
+                f"this credential may publish {self._rates.rate:g} messages a second",
+                retry_after=RateLimiter.retry_after(wait),
+            )
+
+    async def _publishable(self, principal: Principal, name: str) -> Channel:
+        channel = await self._channels.get(principal.app, name)
+        if channel is None:
+            raise NotFound("Not found")
+        if not can_publish(principal, channel):
+            raise Forbidden(f"this credential may not publish on channel {name!r}")
+        if channel.is_inactive:
+            raise Gone(f"channel {name!r} is closed")
+        return channel
+
+    def _message(
+        self,
+        principal: Principal,
+        channel: Channel,
+        payload: Any,
+        room: object,
+        metadata: object,
+        audience: object,
+    ) -> Message:
+        room_name = channel.check_room(room)
+        if payload_size(payload, "payload") > self.settings.max_payload_bytes:
+            raise PayloadTooLarge(
+                f"payload is larger than {self.settings.max_payload_bytes} bytes", path="payload"
+            )
+        return Message(
+            id="",
+            app=channel.app,
+            channel=channel.name,
+            room=room_name,
+            payload=payload,
+            author=principal.author,
+            created_at="",
+            metadata=parse_metadata(metadata, self.settings),
+            audience=None if audience is None else parse_audience(audience),
+        )
+
+    async def publish_many(
+        self, principal: Principal, items: list[Any]
+    ) -> list[Message | HeraldError]:
+        """Publish each item (``{channel, payload, room?, metadata?}``); one result per item.
+
+        Valid items are handed to the engine together, in list order: publishes
+        to one topic keep the order of the list, and with Redis they share one
+        round trip. A failing item does not stop the others. Each channel is
+        looked up and checked once per batch.
+        """
+        self._spend_rate(principal, len(items))
+        results: list[Message | HeraldError | None] = []
+        accepted: list[tuple[Channel, Message]] = []
+        channels: dict[str, Channel | HeraldError] = {}
+        # Read the batch's channels at once, not one round trip after another.
+        # Only strings: an invalid item's channel may be unhashable (a list, an object).
+        names = [item.get("channel") for item in items if isinstance(item, dict)]
+        cold = self._channels.missing(principal.app, {n for n in names if isinstance(n, str)})
+        if cold:
+            await asyncio.gather(
+                *(self._channels.get(principal.app, name) for name in cold),
+                return_exceptions=True,
+            )
+        for item in items:
+            try:
+                name, payload, room, metadata, audience = _parse_item(item)
+                channel = channels.get(name)
+                if channel is None:
+                    try:
+                        channel = await self._publishable(principal, name)
+                    except HeraldError as exc:
+                        channel = exc
+                    channels[name] = channel
+                if isinstance(channel, HeraldError):
+                    raise channel
+                accepted.append(
+                    (
+                        channel,
+                        self._message(principal, channel, payload, room, metadata, audience),
+                    )
+                )
+                results.append(None)
+            except HeraldError as exc:
+                results.append(exc)
+        stored = iter(await self.engine.publish_many(accepted))
+        for channel in {c.name: c for c, _ in accepted if c.idle_timeout}.values():
+            await self._touch_idle(channel)
+        return [next(stored) if result is None else result for result in results]
+
+    async def publish_item(self, principal: Principal, item: Any) -> Message:
+        """Validate one publish request object (as a batch item) and publish it."""
+        channel, payload, room, metadata, audience = _parse_item(item)
+        return await self.publish(
+            principal, channel, payload=payload, room=room, metadata=metadata, audience=audience
+        )
+
+    async def publish_once(self, principal: Principal, item: Any, idempotency_key: str) -> Message:
+        """`publish_item`, unless a request with this key from this caller was published
+        in the last 10 minutes: then the first message, and nothing new is published."""
+        if not 0 < len(idempotency_key) <= 255 or not idempotency_key.isprintable():
+            raise BadRequest(
+                "Idempotency-Key must be 1-255 printable characters", path="Idempotency-Key"
+            )
+        key = f"idem|{principal.app}|{principal.kind}|{principal.id}|{idempotency_key}"
+        held = await self.engine.put_if_absent(key, _PENDING, _IDEMPOTENCY_TTL)
+        if held == _PENDING:
+            raise Conflict("a request with this Idempotency-Key is still in progress")
+        if held is not None:
+            return Message.from_record(msgpack.unpackb(held, raw=False))
+        try:
+            message = await self.publish_item(principal, item)
+        except BaseException:
+            await self.engine.forget(key)  # it failed: a retry may try again
+            raise
+        record = msgpack.packb(message.to_record(), use_bin_type=True)
+        await self.engine.put(key, record, _IDEMPOTENCY_TTL)
+        return message
