@@ -36,9 +36,11 @@ class Subscriber(Protocol):
 
 
 class _Topic:
-    __slots__ = ("devices", "floors", "json", "msgpack", "pending")
+    __slots__ = ("devices", "floors", "json", "last", "msgpack", "pending")
 
     def __init__(self) -> None:
+        # The id of the newest message delivered here: where a new subscriber starts.
+        self.last: str | None = None
         # Dicts, not lists or sets: O(1) removal and a stable, insertion-ordered walk.
         self.json: dict[Subscriber, None] = {}
         self.msgpack: dict[Subscriber, None] = {}
@@ -86,6 +88,11 @@ class Hub:
         if entry is None:
             return 0
         return len(entry.json) + len(entry.msgpack) + len(entry.devices) + len(entry.pending)
+
+    def last_id(self, topic: Topic) -> str | None:
+        """The id of the newest message of ``topic`` delivered here, if any was."""
+        entry = self._topics.get(topic)
+        return None if entry is None else entry.last
 
     def listeners(self, topic: Topic) -> list[Subscriber]:
         """The local connections listening to ``topic`` (live or catching up)."""
@@ -136,6 +143,7 @@ class Hub:
         entry = self._topics.get(message.topic)
         if entry is None:
             return
+        entry.last = message.id
         for buffered in entry.pending.values():
             buffered.append(message)
         if entry.floors:

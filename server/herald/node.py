@@ -84,6 +84,7 @@ class Node:
         if kind == "resync":
             # Events may have been missed while the engine's link was down.
             self._channels.clear()
+            self.subscriptions.forget_positions()
         if kind in ("channel_changed", "channel_closed"):
             app, name = str(event.get("app")), str(event.get("name"))
             self._channels.forget(app, name)

@@ -19,7 +19,7 @@ from herald.config import Settings
 from herald.engines.base import Engine
 from herald.errors import BadRequest, CloseCode, Conflict
 from herald.hub import Hub, Subscriber, frame_bytes
-from herald.models import Topic
+from herald.models import StreamPosition, Topic, offset_key
 from herald.protocol import ConnectionState
 
 __all__ = ["Client", "Subscriptions"]
@@ -59,6 +59,9 @@ class Subscriptions:
         self._engine_topics: set[Topic] = set()
         self._locks: dict[Topic, asyncio.Lock] = {}
         self._tasks: set[asyncio.Future[None]] = set()
+        # Where each topic stood when this worker read it last; with the hub's newest
+        # delivered id it answers a subscribe without asking the engine again.
+        self._positions: dict[Topic, StreamPosition] = {}
 
     def topics(self, app: str, channel: str) -> list[Topic]:
         """The topics (rooms) of a channel that this worker listens to."""
@@ -95,7 +98,7 @@ class Subscriptions:
             # a replay cannot be spliced into a live subscription.
             if since is not None:
                 raise Conflict(f"already subscribed to {topic.channel!r}", path="channel")
-            position = await self.engine.position(topic)
+            position = await self._position(topic)
             client.send(_subscribed_frame(request_id, topic, position.offset, position.epoch))
             return
         if len(client.state.topics) >= self.settings.max_subscriptions:
@@ -115,7 +118,7 @@ class Subscriptions:
                     recovery.position,
                 )
             else:
-                replay, recovered, position = [], None, await self.engine.position(topic)
+                replay, recovered, position = [], None, await self._position(topic)
         except BaseException:
             self.hub.remove(topic, client)
             client.state.topics.discard(topic)
@@ -130,6 +133,29 @@ class Subscriptions:
         for message in [*replay, *self.hub.activate(topic, client, position.offset)]:
             if visible(message.audience, device):
                 client.push(frame_bytes(message, encoding))
+
+    async def _position(self, topic: Topic) -> StreamPosition:
+        """The topic's newest id and epoch, from this worker's own state when it has
+        listened to the topic since it last read them.
+
+        Any id not newer than the truth will do: everything after it reaches the
+        new subscriber live, since the topic stays subscribed with the engine.
+        """
+        known = self._positions.get(topic)
+        if known is None:
+            position = await self.engine.position(topic)
+            if topic in self._engine_topics:
+                self._positions[topic] = position
+            return position
+        last = self.hub.last_id(topic)
+        if last is not None and offset_key(last) > offset_key(known.offset):
+            known = self._positions[topic] = StreamPosition(last, known.epoch)
+        return known
+
+    def forget_positions(self) -> None:
+        """Read positions from the engine again (after its link was lost: the history
+        may have been too)."""
+        self._positions.clear()
 
     async def remove(self, client: Client, topic: Topic) -> bool:
         """Stop a connection's subscription to ``topic``; ``False`` if it had none."""
@@ -192,6 +218,7 @@ class Subscriptions:
                 # Leave the set first, so a concurrent subscribe waits for the lock
                 # and resubscribes after this unsubscribe, not before.
                 self._engine_topics.discard(topic)
+                self._positions.pop(topic, None)
                 await self.engine.unsubscribe(topic)
         if self._refs.get(topic, 0) == 0 and not lock.locked():
             self._locks.pop(topic, None)

@@ -315,3 +315,30 @@ async def test_one_publish_per_message_whatever_the_subscriber_count(
             ] == ids
     finally:
         server.stop()
+
+
+async def test_a_topic_already_listened_to_answers_the_newest_position(
+    tmp_path: Path, fresh_redis: RedisProcess, channel_name: str
+) -> None:
+    server = _herald(tmp_path, fresh_redis)
+    try:
+        async with open_api(server) as api, AsyncExitStack() as stack:
+            await api.create_channel(channel_name)
+            first = await stack.enter_async_context(open_client(server))
+            start = (await first.subscribe(channel_name))["position"]
+            ids = await api.publish_many(channel_name, 3)
+            assert await first.message_ids(3) == ids
+            # The worker knows this topic: the position comes from what it delivered,
+            # and it is the newest id, not the one of the first subscribe.
+            second = await stack.enter_async_context(open_client(server))
+            position = (await second.subscribe(channel_name))["position"]
+            assert position == {"offset": ids[-1], "epoch": start["epoch"]}
+            more = await api.publish_many(channel_name, 2)
+            assert await second.message_ids(2) == more
+            await second.assert_idle()
+            # The same position recovers exactly what followed it, on a new connection.
+            third = await stack.enter_async_context(open_client(server))
+            await third.subscribe(channel_name, since=position["offset"], epoch=position["epoch"])
+            assert await third.message_ids(2) == more
+    finally:
+        server.stop()
