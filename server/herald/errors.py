@@ -32,6 +32,8 @@ class CloseCode(IntEnum):
     """Normal closure."""
     PROTOCOL_ERROR = 1002
     """The peer broke RFC 6455."""
+    INVALID_DATA = 1007
+    """A text frame was not valid UTF-8."""
     MESSAGE_TOO_BIG = 1009
     """A frame was larger than ``max_frame_bytes``."""
     INTERNAL_ERROR = 1011

@@ -340,11 +340,12 @@ class ConnectionState:
 
     def close_code_for(self, error: HeraldError) -> CloseCode | None:
         """The close code an error forces, if any (and count bad frames toward 4000)."""
+        if not self.authenticated and isinstance(error, ProtocolError | Unauthorized):
+            # The first frame must be a valid connect: one that does not even parse is
+            # not one either, so it closes 4001 at once rather than after three in a row.
+            return CloseCode.UNAUTHORIZED
         if isinstance(error, ProtocolError):
             self.bad_frames += 1
             if self.bad_frames >= self.max_bad_frames:
                 return CloseCode.BAD_FRAME
-            return None
-        if not self.authenticated and isinstance(error, Unauthorized):
-            return CloseCode.UNAUTHORIZED
         return None

@@ -219,8 +219,16 @@ class Connection(asyncio.Protocol):
             return  # ping, pong and close are answered by the protocol itself
         if self._closing:
             return
-        # websockets has already checked that text frames are valid UTF-8.
-        self._inbox.append(data.decode() if self._fragment_text else data)
+        if self._fragment_text:
+            # The sans-I/O parser does not check UTF-8 (its asyncio layer does).
+            try:
+                text: bytes | str = data.decode()
+            except UnicodeDecodeError:
+                self.close(CloseCode.INVALID_DATA, "text frame is not valid UTF-8")
+                return
+        else:
+            text = data
+        self._inbox.append(text)
         if self._worker is None:
             self._worker = self.loop.create_task(self._drain_inbox())
         if len(self._inbox) >= _INBOX_HIGH and not self._paused and self.transport is not None:
@@ -415,8 +423,16 @@ class Connection(asyncio.Protocol):
             if chunk:
                 transport.write(chunk)
             elif not transport.is_closing():
-                # End of stream: the close handshake is over (or the handshake failed).
-                transport.close()
+                # End of stream: the close handshake is over (or the handshake failed, or
+                # we failed the connection, e.g. 1009). Half-close and keep reading until
+                # the peer closes (or the grace timer aborts): closing with its data still
+                # unread would send a RST, and the peer would lose our close frame.
+                try:
+                    transport.write_eof()
+                except Exception:  # cannot half-close (TLS) or already gone: just close
+                    transport.close()
+                else:
+                    self.loop.call_later(_CLOSE_GRACE, self._abort)
         if self.ws.close_expected() and not self._closing:
             self._closing = True
             self.loop.call_later(_CLOSE_GRACE, self._abort)

@@ -23,6 +23,7 @@ CONNECT_TIMEOUT = 0.5
 MAX_FRAME_BYTES = 1024
 UNAUTHORIZED = 4001
 BAD_FRAME = 4000
+INVALID_DATA = 1007
 MESSAGE_TOO_BIG = 1009
 _ONE_CREDENTIAL = "connect needs exactly one of key, token, connection_key"
 _EMPTY_KEY = "key must be a non-empty string"
@@ -240,6 +241,18 @@ async def test_request_errors_do_not_count_as_bad_frames(
         await bystander.publish()
         await client.assert_idle()
     await bystander.verify()
+
+
+async def test_text_frame_that_is_not_utf8_closes_1007(
+    strict_server: ServerProcess, bystander: Bystander
+) -> None:
+    async with open_client(strict_server) as client:
+        # websockets' client checks nothing it sends: a raw text frame with bad bytes.
+        await client.ws.send(b'{"op": "ping", "id": "\xff\xfe"}', text=True)
+        assert await client.close_code() == INVALID_DATA
+    await bystander.publish()
+    await bystander.verify()
+    assert "Traceback" not in strict_server.log()
 
 
 async def test_frame_over_the_limit_closes_1009(

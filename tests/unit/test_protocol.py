@@ -392,9 +392,21 @@ def test_state_good_frame_resets_bad_frame_streak() -> None:
 
 def test_state_max_bad_frames_is_configurable() -> None:
     state = ConnectionState(Encoding.JSON, max_bad_frames=1)
+    state.authenticated = True
     with pytest.raises(ProtocolError) as error:
         state.receive("garbage")
     assert state.close_code_for(error.value) is CloseCode.BAD_FRAME
+
+
+@pytest.mark.parametrize(
+    "data", ["garbage", "[]", '{"op": "nope"}', '{"op": "connect", "id": 1.5, "key": "k"}']
+)
+def test_state_bad_first_frame_closes_4001_at_once(data: str) -> None:
+    # The first frame must be a valid connect: a bad one is not, and is not one of three.
+    state = ConnectionState(Encoding.JSON)
+    with pytest.raises(ProtocolError) as error:
+        state.receive(data)
+    assert state.close_code_for(error.value) is CloseCode.UNAUTHORIZED
 
 
 def test_state_remembers_request_id_of_an_invalid_frame() -> None:
