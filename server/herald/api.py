@@ -23,6 +23,7 @@ from herald.errors import (
     Unauthorized,
     Unavailable,
 )
+from herald.metrics import ENGINE_ERRORS
 from herald.models import Channel, parse_offset
 from herald.node import Node
 
@@ -74,6 +75,8 @@ def respond(
 
 def _error_response(request: Request, error: HeraldError) -> Response:
     headers = {}
+    if isinstance(error, Unavailable):
+        ENGINE_ERRORS.inc()
     if isinstance(error, Unavailable | TooManyRequests):
         headers["Retry-After"] = str(error.retry_after)
     if isinstance(error, Unauthorized):

@@ -13,7 +13,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
-from herald import api_devices, openapi
+from herald import api_devices, metrics, openapi
 from herald.api import HotPaths, error_handlers, routes
 from herald.config import Settings
 from herald.engines.base import Engine
@@ -54,7 +54,7 @@ def create_app(settings: Settings) -> ASGIApp:
 
     return HotPaths(
         Starlette(
-            routes=[*routes, *api_devices.routes, *openapi.routes],
+            routes=[*routes, *api_devices.routes, *openapi.routes, *metrics.routes],
             exception_handlers=error_handlers,
             lifespan=lifespan,
         )

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
+import os
+import shutil
 import sys
+import tempfile
 
 from herald import __version__
 from herald.auth import new_key
@@ -49,6 +53,17 @@ async def _bootstrap_redis(settings: Settings) -> str | None:
         await engine.close()
 
 
+def use_multiprocess_dir() -> None:
+    """Give this process and its workers a fresh metrics directory (removed at exit),
+    unless ``PROMETHEUS_MULTIPROC_DIR`` is set already. prometheus_client reads it
+    when it is first imported, so this runs before anything imports it."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    directory = tempfile.mkdtemp(prefix="herald-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+
+
 def serve(settings: Settings) -> int:
     """Run the server; print its URL and, when one was generated, the admin key."""
     log_config = configure(settings.log_format, settings.log_level)
@@ -76,6 +91,8 @@ def serve(settings: Settings) -> int:
         print("Admin key: the one shown at first start (stored hashed in Redis)", flush=True)
     else:
         print("Admin key: taken from HERALD_ADMIN_KEY", flush=True)
+    # Before anything imports prometheus_client: it picks its storage at import.
+    use_multiprocess_dir()
     from herald.app import run  # imported late: `herald --help` stays fast
 
     run(settings, log_config)

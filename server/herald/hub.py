@@ -11,10 +11,12 @@ past its limit is closed as slow by its transport, never waited for.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Collection
 from typing import Protocol
 
 from herald.audience import matches
+from herald.metrics import DELIVERED, observe_latency
 from herald.models import Device, Message, Topic, offset_key
 from herald.protocol import Encoding, encode, message_frame, ws_frame
 
@@ -144,13 +146,16 @@ class Hub:
         if entry is None:
             return
         entry.last = message.id
+        observe_latency(message.created_at, time.time())
         for buffered in entry.pending.values():
             buffered.append(message)
         if entry.floors:
-            self._deliver_past_floors(entry, message)
+            DELIVERED.inc(self._deliver_past_floors(entry, message))
             return
         frames: dict[Encoding, bytes] = {}
+        delivered = 0
         if message.audience is None:
+            delivered = len(entry.json) + len(entry.msgpack)
             if entry.json:
                 frame = frames[Encoding.JSON] = frame_bytes(message, Encoding.JSON)
                 for subscriber in entry.json:
@@ -160,7 +165,8 @@ class Hub:
                 for subscriber in entry.msgpack:
                     subscriber.push(frame)
         if entry.devices:
-            self._deliver_to_devices(entry.devices, message, (), frames)
+            delivered += self._deliver_to_devices(entry.devices, message, (), frames)
+        DELIVERED.inc(delivered)
 
     @staticmethod
     def _deliver_to_devices(
@@ -168,10 +174,12 @@ class Hub:
         message: Message,
         skip: Collection[Subscriber],
         frames: dict[Encoding, bytes],
-    ) -> None:
+    ) -> int:
         """Each device that sees the message gets it; ``frames`` holds the frames
-        made already (each encoding is framed once per message)."""
+        made already (each encoding is framed once per message). Answers how many
+        got it."""
         audience = message.audience
+        pushed = 0
         for subscriber in devices:
             device = subscriber.device
             assert device is not None
@@ -183,9 +191,13 @@ class Hub:
             if frame is None:
                 frame = frames[subscriber.encoding] = frame_bytes(message, subscriber.encoding)
             subscriber.push(frame)
+            pushed += 1
+        return pushed
 
-    def _deliver_past_floors(self, entry: _Topic, message: Message) -> None:
-        """The slow path, taken only just after a replay: skip what was replayed."""
+    def _deliver_past_floors(self, entry: _Topic, message: Message) -> int:
+        """The slow path, taken only just after a replay: skip what was replayed.
+        Answers how many subscribers got the message."""
+        pushed = 0
         key = offset_key(message.id)
         skip = {s for s, floor in entry.floors.items() if key <= floor}
         entry.floors = {s: floor for s, floor in entry.floors.items() if key <= floor}
@@ -197,8 +209,10 @@ class Hub:
                     for subscriber in live:
                         if subscriber not in skip:
                             subscriber.push(frame)
+                            pushed += 1
         if entry.devices:
-            self._deliver_to_devices(entry.devices, message, skip, frames)
+            pushed += self._deliver_to_devices(entry.devices, message, skip, frames)
+        return pushed
 
     def schedule_flush(self, subscriber: Subscriber) -> None:
         """Have ``subscriber.flush()`` called once, at the next flush of the hub.

@@ -707,6 +707,20 @@ def _paths(settings: Settings) -> dict[str, Any]:
                 public=True,
             )
         },
+        "/metrics": {
+            "get": _operation(
+                "metrics",
+                "health",
+                "Prometheus metrics, summed over every worker",
+                {
+                    "200": {
+                        "description": "Prometheus text exposition format (not enveloped).",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+                public=True,
+            )
+        },
         "/v1/apps": {
             "post": _operation(
                 "create_app",

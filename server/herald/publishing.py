@@ -31,6 +31,7 @@ from herald.errors import (
     TooManyRequests,
 )
 from herald.limits import RateLimiter
+from herald.metrics import PUBLISHED
 from herald.models import Channel, Message, check_name
 
 __all__ = ["Publisher"]
@@ -87,6 +88,7 @@ class Publisher:
         channel = await self._publishable(principal, name)
         message = self._message(principal, channel, payload, room, metadata, audience)
         stored = await self.engine.publish(channel, message)
+        PUBLISHED.inc()
         if channel.idle_timeout:
             await self._touch_idle(channel)
         return stored
@@ -182,7 +184,9 @@ class Publisher:
                 results.append(None)
             except HeraldError as exc:
                 results.append(exc)
-        stored = iter(await self.engine.publish_many(accepted))
+        messages = await self.engine.publish_many(accepted)
+        PUBLISHED.inc(len(messages))
+        stored = iter(messages)
         for channel in {c.name: c for c, _ in accepted if c.idle_timeout}.values():
             await self._touch_idle(channel)
         return [next(stored) if result is None else result for result in results]

@@ -19,6 +19,7 @@ from herald.config import Settings
 from herald.engines.base import Engine
 from herald.errors import BadRequest, CloseCode, Conflict
 from herald.hub import Hub, Subscriber, frame_bytes
+from herald.metrics import RECOVERIES, SUBSCRIPTIONS, TOPICS
 from herald.models import StreamPosition, Topic, offset_key
 from herald.protocol import ConnectionState
 
@@ -107,6 +108,7 @@ class Subscriptions:
                 code="too_many_subscriptions",
             )
         client.state.topics.add(topic)
+        SUBSCRIPTIONS.inc()
         self.hub.begin(topic, client)
         try:
             await self._acquire(topic)
@@ -122,11 +124,13 @@ class Subscriptions:
         except BaseException:
             self.hub.remove(topic, client)
             client.state.topics.discard(topic)
+            SUBSCRIPTIONS.dec()
             await self._release(topic)
             raise
         answer = _subscribed_frame(request_id, topic, position.offset, position.epoch)
         if recovered is not None:
             answer["recovered"] = recovered
+            RECOVERIES.labels(recovered="true" if recovered else "false").inc()
         client.send(answer)
         device, encoding = client.device, client.state.encoding
         # position was read with the replay: anything buffered past it is new.
@@ -162,6 +166,7 @@ class Subscriptions:
         if topic not in client.state.topics:
             return False
         client.state.topics.discard(topic)
+        SUBSCRIPTIONS.dec()
         self.hub.remove(topic, client)
         await self._release(topic)
         return True
@@ -169,6 +174,7 @@ class Subscriptions:
     async def drop_client(self, client: Client) -> None:
         """Drop every subscription of a closed connection."""
         topics, client.state.topics = client.state.topics, set()
+        SUBSCRIPTIONS.dec(len(topics))
         for topic in topics:
             self.hub.remove(topic, client)
         for topic in topics:
@@ -183,6 +189,7 @@ class Subscriptions:
                 client.send(frame)
                 if topic in client.state.topics:
                     client.state.topics.discard(topic)
+                    SUBSCRIPTIONS.dec()
                     self.spawn(self._release(topic))
 
     def spawn(self, work: Any) -> None:
@@ -205,6 +212,7 @@ class Subscriptions:
             if topic not in self._engine_topics and self._refs.get(topic, 0) > 0:
                 await self.engine.subscribe(topic)
                 self._engine_topics.add(topic)
+                TOPICS.inc()
 
     async def _release(self, topic: Topic) -> None:
         self._refs[topic] -= 1
@@ -218,6 +226,7 @@ class Subscriptions:
                 # Leave the set first, so a concurrent subscribe waits for the lock
                 # and resubscribes after this unsubscribe, not before.
                 self._engine_topics.discard(topic)
+                TOPICS.dec()
                 self._positions.pop(topic, None)
                 await self.engine.unsubscribe(topic)
         if self._refs.get(topic, 0) == 0 and not lock.locked():

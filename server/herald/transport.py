@@ -24,7 +24,8 @@ from websockets.server import ServerProtocol
 from websockets.typing import Origin, Subprotocol
 
 from herald.auth import Principal
-from herald.errors import CloseCode, HeraldError, TooManyRequests, Unauthorized
+from herald.errors import CloseCode, HeraldError, TooManyRequests, Unauthorized, Unavailable
+from herald.metrics import CONNECTIONS, DROPPED, ENGINE_ERRORS, SLOW_CONSUMERS
 from herald.models import Device, Message
 from herald.node import Node
 from herald.protocol import (
@@ -134,6 +135,7 @@ class Connection(asyncio.Protocol):
             self._address = None
         if self.open:
             self.open = False
+            CONNECTIONS.dec()
             self.node.clients.discard(self)
             self.loop.create_task(self.node.disconnect(self))
 
@@ -175,6 +177,7 @@ class Connection(asyncio.Protocol):
         self.state.encoding = self.encoding
         self.client_id = f"{self.node.name}/{next(_ids)}"
         self.open = True
+        CONNECTIONS.inc()
         self.node.clients.add(self)
         assert self.transport is not None
         peer = self.transport.get_extra_info("peername")
@@ -267,6 +270,8 @@ class Connection(asyncio.Protocol):
             elif isinstance(request, Reply):
                 await self.node.commands.reply(self, request)
         except HeraldError as exc:
+            if isinstance(exc, Unavailable):
+                ENGINE_ERRORS.inc()
             self.send(error_frame(exc, state.request_id))
             code = state.close_code_for(exc)
             if code is not None:
@@ -314,6 +319,8 @@ class Connection(asyncio.Protocol):
         if error is None:
             self.send({"op": "published", "id": request_id, "message_id": task.result().id})
         elif isinstance(error, HeraldError):
+            if isinstance(error, Unavailable):
+                ENGINE_ERRORS.inc()
             self.send(error_frame(error, request_id))
         else:
             logger.error("publish failed on %s", self.client_id, exc_info=error)
@@ -385,6 +392,8 @@ class Connection(asyncio.Protocol):
                 self.client_id,
                 transport.get_write_buffer_size(),
             )
+            SLOW_CONSUMERS.inc()
+            DROPPED.inc(len(out))
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
             return
         transport.writelines(out)
