@@ -13,7 +13,8 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
-from herald import api_devices, metrics, openapi
+from herald import api_devices, metrics, openapi, web
+from herald.access import AccessLog
 from herald.api import HotPaths, error_handlers, routes
 from herald.config import Settings
 from herald.engines.base import Engine
@@ -52,12 +53,21 @@ def create_app(settings: Settings) -> ASGIApp:
                 chore.cancel()
             await node.stop()
 
-    return HotPaths(
-        Starlette(
-            routes=[*routes, *api_devices.routes, *openapi.routes, *metrics.routes],
-            exception_handlers=error_handlers,
-            lifespan=lifespan,
-        )
+    return AccessLog(
+        HotPaths(
+            Starlette(
+                routes=[
+                    *routes,
+                    *api_devices.routes,
+                    *openapi.routes,
+                    *metrics.routes,
+                    *web.routes,
+                ],
+                exception_handlers=error_handlers,
+                lifespan=lifespan,
+            )
+        ),
+        enabled=settings.access_log,
     )
 
 

@@ -44,6 +44,10 @@ class Settings:
     log_level: str = "info"
     """Minimum level logged. Default info."""
 
+    access_log: bool = False
+    """One log line per HTTP request (method, path, status, duration, request id).
+    Default off."""
+
     max_payload_bytes: int = 64 * 1024
     """Largest publish payload, in bytes, once encoded as JSON. Default 64 KiB."""
 
