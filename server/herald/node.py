@@ -33,7 +33,7 @@ from herald.errors import (
 from herald.hub import Hub
 from herald.identity import Identity, install_bootstrap_key
 from herald.models import Channel, Message, Topic, parse_offset
-from herald.protocol import Subscribe, Unsubscribe
+from herald.protocol import ResumePoint, Subscribe, Unsubscribe
 from herald.publishing import Publisher
 from herald.subscriptions import Client, Subscriptions
 
@@ -368,16 +368,22 @@ class Node:
             {"op": "unsubscribed", "id": request.id, "channel": channel.name, "room": topic.room}
         )
 
-    async def resume_subscriptions(self, client: Client, principal: Principal) -> None:
+    async def resume_subscriptions(
+        self, client: Client, principal: Principal, resume: tuple[ResumePoint, ...] = ()
+    ) -> None:
         """Subscribe a new connection of a user or device to every channel it
-        persistently follows.
+        persistently follows, recovering after the ids ``resume`` gives (from a
+        ``connect`` frame) so a reconnecting client misses nothing.
 
         One that is closed or no longer readable is skipped; each success answers
         a ``subscribed`` frame without an ``id``.
         """
+        points = {(p.channel, p.room or ""): p for p in resume}
         for target in await self.engine.subscriptions(principal.app, subscriber_id(principal)):
             channel, _, room = target.partition("|")
-            request = Subscribe(None, channel, room or None, None, None, False)
+            point = points.get((channel, room))
+            since, epoch = (point.since, point.epoch) if point else (None, None)
+            request = Subscribe(None, channel, room or None, since, None, False, epoch)
             try:
                 await self.subscribe(client, principal, request)
             except HeraldError as exc:

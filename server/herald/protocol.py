@@ -27,6 +27,7 @@ __all__ = [
     "Publish",
     "Reply",
     "Request",
+    "ResumePoint",
     "Subscribe",
     "Unsubscribe",
     "decode",
@@ -48,6 +49,7 @@ SUBPROTOCOLS = (Encoding.JSON.value, Encoding.MSGPACK.value)
 """Subprotocols offered at the handshake, in order of preference."""
 
 _MAX_ID_LENGTH = 64
+_MAX_RESUME = 1000  # resume points in one connect (a connection holds at most 1000 topics)
 
 
 def decode(data: bytes | str, encoding: Encoding) -> dict[str, Any]:
@@ -124,14 +126,27 @@ def error_frame(error: HeraldError, request_id: object = None) -> dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
+class ResumePoint:
+    """Where a client left a topic it persistently subscribes to: the subscription
+    resumed at connect recovers after ``since``."""
+
+    channel: str
+    room: str | None
+    since: str
+    epoch: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Connect:
-    """``connect``: the first frame, with exactly one credential."""
+    """``connect``: the first frame, with exactly one credential, and where to resume
+    persistent subscriptions from (``resume``)."""
 
     id: object
     key: str | None
     token: str | None
     connection_key: str | None
     client: str | None
+    resume: tuple[ResumePoint, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +181,7 @@ class Publish:
     room: str | None
     payload: Any
     metadata: dict[str, Any] | None
+    audience: Any = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +242,30 @@ def _channel(frame: dict[str, Any]) -> tuple[str, str | None]:
     return channel, room or None
 
 
+def _resume(value: object) -> tuple[ResumePoint, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > _MAX_RESUME:
+        raise ProtocolError(
+            f"resume must be a list of at most {_MAX_RESUME} {{channel, room?, since, epoch?}}",
+            path="resume",
+        )
+    points = []
+    for index, item in enumerate(value):
+        path = f"resume[{index}]"
+        if not isinstance(item, dict):
+            raise ProtocolError(f"{path} must be an object", path=path)
+        channel, room = _channel(item)
+        since = item.get("since")
+        try:
+            parse_offset(since, f"{path}.since")
+        except HeraldError as exc:
+            raise ProtocolError(exc.detail, path=exc.path) from None
+        assert isinstance(since, str)
+        points.append(ResumePoint(channel, room, since, _str(item, "epoch")))
+    return tuple(points)
+
+
 def parse_request(frame: dict[str, Any]) -> Request:
     """Validate a decoded frame into a request, or raise `ProtocolError`."""
     op = frame.get("op")
@@ -262,7 +302,9 @@ def parse_request(frame: dict[str, Any]) -> Request:
         metadata = frame.get("metadata")
         if metadata is not None and not isinstance(metadata, dict):
             raise ProtocolError("metadata must be an object", path="metadata")
-        return Publish(_request_id(frame), channel, room, frame["payload"], metadata)
+        return Publish(
+            _request_id(frame), channel, room, frame["payload"], metadata, frame.get("audience")
+        )
     if op == "ping":
         return Ping(_request_id(frame, required=False))
     if op == "connect":
@@ -279,6 +321,7 @@ def parse_request(frame: dict[str, Any]) -> Request:
             credentials["token"],
             credentials["connection_key"],
             _str(frame, "client"),
+            _resume(frame.get("resume")),
         )
     if op == "reply":
         command_id = _str(frame, "command_id", required=True)

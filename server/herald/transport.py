@@ -306,6 +306,7 @@ class Connection(asyncio.Protocol):
                 payload=request.payload,
                 room=request.room,
                 metadata=request.metadata,
+                audience=request.audience,
             )
         )
         self._publishing.add(task)
@@ -359,7 +360,7 @@ class Connection(asyncio.Protocol):
             frame["device_id"] = self.device.id
         self.send(frame)
         if principal.is_user or principal.is_device:
-            await self.node.resume_subscriptions(self, principal)
+            await self.node.resume_subscriptions(self, principal, request.resume)
 
     # Outgoing
 

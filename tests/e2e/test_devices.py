@@ -412,3 +412,66 @@ async def test_audience_reaches_exactly_the_matching_devices_live_and_on_recover
                 got = [m["payload"] for m in await again.messages(len(expected[name]) + 1)]
                 assert got == [*expected[name], "everyone"], name
                 await again.assert_idle()
+
+
+async def test_a_reconnecting_device_resumes_after_the_ids_its_connect_names(
+    server: ServerProcess, api: Api, channel_name: str
+) -> None:
+    await api.create_channel(channel_name)
+    device_id, key = await register(api)
+    await add_subscriber(api, channel_name, device_id=device_id)
+    async with open_device(server, key) as device:
+        resumed = await device.recv()
+        assert resumed["op"] == "subscribed"
+        first = await api.publish_many(channel_name, 2)
+        assert await device.message_ids(2) == first
+    missed = await api.publish_many(channel_name, 3)
+    async with open_socket(server) as device:
+        point = {"channel": channel_name, "since": first[-1], **resumed["position"]}
+        del point["offset"]
+        answer = await device.request(
+            {"op": "connect", "id": 1, "connection_key": key, "resume": [point]}
+        )
+        assert answer["op"] == "connected"
+        again = await device.recv()
+        assert (again["op"], again["recovered"]) == ("subscribed", True)
+        assert await device.message_ids(3) == missed
+        await device.assert_idle()
+    async with open_socket(server) as device:
+        bad = await device.request(
+            {"op": "connect", "id": 1, "connection_key": key, "resume": [{"channel": "x"}]}
+        )
+        assert (bad["op"], bad["path"]) == ("error", "resume[0].since")
+
+
+async def test_audience_applies_to_websocket_publishes_too(
+    server: ServerProcess, api: Api, channel_name: str
+) -> None:
+    await api.create_channel(channel_name)
+    keys = {}
+    for tag in ("red", "blue"):
+        device_id, keys[tag] = await register(api, tags=[tag])
+        await add_subscriber(api, channel_name, device_id=device_id)
+    async with (
+        open_device(server, keys["red"]) as red,
+        open_device(server, keys["blue"]) as blue,
+        open_client(server) as publisher,
+    ):
+        for device in (red, blue):
+            assert (await device.recv())["op"] == "subscribed"
+        answer = await publisher.request(
+            {
+                "op": "publish",
+                "id": 1,
+                "channel": channel_name,
+                "payload": "red only",
+                "audience": {"tag": "red"},
+            }
+        )
+        assert answer["op"] == "published"
+        assert [m["payload"] for m in await red.messages(1)] == ["red only"]
+        await blue.assert_idle()
+        wrong = await publisher.request(
+            {"op": "publish", "id": 2, "channel": channel_name, "payload": 1, "audience": 5}
+        )
+        assert (wrong["op"], wrong["path"]) == ("error", "audience")
