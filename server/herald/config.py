@@ -67,7 +67,8 @@ class Settings:
     """Seconds a new socket has to send its ``connect`` frame (close 4001). Default 10."""
 
     ping_interval: float = 25.0
-    """Seconds between transport pings; a peer silent for two intervals is dropped. Default 25."""
+    """Seconds between transport pings; a peer that sent nothing (not even a pong) since
+    the previous ping is dropped. Default 25."""
 
     idle_sweep_interval: float = 1.0
     """Seconds between looks for channels past their ``idle_timeout``. Default 1."""
