@@ -232,7 +232,8 @@ def test_healthcheck_fails_when_nothing_listens() -> None:
 
 
 def compose() -> dict[str, Any]:
-    yaml = pytest.importorskip("yaml")
+    import yaml  # PyYAML: a test dependency (schemathesis reads YAML schemas with it)
+
     document = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     assert isinstance(document, dict)
     return document
