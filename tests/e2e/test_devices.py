@@ -174,6 +174,8 @@ async def test_device_subscribes_itself_with_the_subscriber_key(
         )
         assert wrong["op"] == "error"
         await device.subscribe(channel_name, subscriber_key=subscriber_key, persist=True)
+    # The server learns of the closed socket a moment after the client closed it.
+    await wait_until(lambda: _inactive(api, channel_name))
     assert await subscribers(api, channel_name) == [
         {"type": "device", "device_id": device_id, "active": False}
     ]
