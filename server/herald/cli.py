@@ -1,4 +1,6 @@
-"""The ``herald`` command."""
+"""The ``herald`` command: ``serve`` runs the server; the client commands
+(``channels``, ``publish``, ``tail``, ``keys``, ``devices``, ``token``) talk to
+a running one and live in `herald.cli_commands`."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import shutil
 import sys
 import tempfile
 
-from herald import __version__
+from herald import __version__, cli_commands
 from herald.auth import new_key
 from herald.config import ConfigError, Settings
 from herald.errors import Unavailable
@@ -20,9 +22,14 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="herald", description="Realtime WebSocket pub/sub.")
+    parser = argparse.ArgumentParser(
+        prog="herald",
+        description="Realtime WebSocket pub/sub.",
+        epilog="The client commands read --url/--key, or HERALD_URL (default "
+        f"{cli_commands.DEFAULT_URL}) and HERALD_KEY. `herald COMMAND --help` says more.",
+    )
     parser.add_argument("--version", action="version", version=f"herald {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser(
         "serve",
         help="run the server",
@@ -39,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-format", choices=["text", "json"], help="log line format")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    cli_commands.add_commands(commands)
     return parser
 
 
@@ -110,4 +118,4 @@ def main(argv: list[str] | None = None) -> int:
             print(f"herald: {exc}", file=sys.stderr)
             return 2
         return serve(settings)
-    return 0
+    return cli_commands.run(args)
