@@ -172,6 +172,7 @@ def test_healthcheck_is_python_asking_for_healthz_on_the_default_port(
         asked.append(url)
 
     monkeypatch.delenv("HERALD_PORT", raising=False)
+    # Only to read which URL it asks for; the tests below run it against a real server.
     monkeypatch.setattr(urllib.request, "urlopen", urlopen)
     exec(code, {"__name__": "__main__"})
     assert asked == [f"http://127.0.0.1:{Settings().port}/healthz"]
