@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import datetime
 import os
-import platform
 import secrets
 import sys
 import time
@@ -49,9 +48,11 @@ from bench.procs import (
     Proc,
     can_pin,
     free_port,
-    log_problems,
     machine_busy_seconds,
+    machine_facts,
+    placement,
     raise_nofile,
+    server_facts,
     start_herald,
     start_redis,
 )
@@ -470,18 +471,12 @@ def run_engine(
             redis_proc.stop()
     load_after = os.getloadavg()
 
-    problems = log_problems(server.log_path)
+    facts = server_facts(server.proc, exit_code)
     report = {
         "benchmark": "fanout",
         "engine": engine,
         "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "loadavg_before": load_before,
-            "loadavg_after": load_after,
-        },
+        "machine": machine_facts(load_before, load_after),
         "config": {
             "subscribers": args.subscribers,
             "seconds_per_step": args.seconds,
@@ -496,12 +491,7 @@ def run_engine(
             "open_files_limit": nofile[0],
         },
         **outcome,
-        "server": {
-            "exit_code": exit_code,
-            "log": str(server.log_path),
-            "log_problems": len(problems),
-            "log_problem_examples": problems[:10],
-        },
+        "server": facts,
     }
     output.write_bytes(_json(report))
 
@@ -509,12 +499,7 @@ def run_engine(
     print(
         f"Herald fan-out, {engine} engine: {setup['subscribers']} subscribers "
         f"(connected in {setup['connect_seconds']:.1f} s), {args.seconds:g} s per step, "
-        f"{PAYLOAD_BYTES}-byte payloads, WebSocket publisher; "
-        + (
-            f"server on CPU {SERVER_CPU}, load generator on CPU {LOADGEN_CPU}"
-            if pin
-            else "not pinned (fewer than 2 CPUs)"
-        )
+        f"{PAYLOAD_BYTES}-byte payloads, WebSocket publisher; {placement(pin)}"
     )
     print(table(setup["subscribers"], outcome["steps"]))
     notes = []
@@ -543,8 +528,8 @@ def run_engine(
             f"other processes used up to {busiest['other_cpu_pct']:.0f}% of a CPU during the "
             "steps: the numbers are disturbed"
         )
-    if problems:
-        notes.append(f"{len(problems)} warning/error lines in {server.log_path}")
+    if facts["log_problems"]:
+        notes.append(f"{facts['log_problems']} warning/error lines in {server.log_path}")
     for note in notes:
         print(f"note: {note}")
     print(f"JSON: {output}")

@@ -285,8 +285,10 @@ async def open_link(
     on_frame: Callable[[int, bytes], None],
     on_lost: Callable[[str], None],
     rcvbuf: int = 0,
+    mss: int = 0,
 ) -> Link:
-    """Connect and upgrade; ``rcvbuf`` > 0 fixes a small receive buffer (slow clients)."""
+    """Connect and upgrade; ``rcvbuf`` > 0 fixes a small receive buffer (slow clients),
+    ``mss`` > 0 the segment size the client announces (as over Ethernet, not loopback)."""
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
@@ -294,6 +296,10 @@ async def open_link(
             # Set before connecting, so the kernel neither autotunes it nor offers a
             # large window: a client that stops reading then backs up into the server.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        if mss:
+            # The server's kernel sizes its send buffer from cwnd x MSS: at loopback's
+            # 64 KiB MSS that is megabytes, which hide a stalled reader for many seconds.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, mss)
         sock.setblocking(False)
         await loop.sock_connect(sock, (HOST, port))
         _, link = await loop.create_connection(lambda: Link(port, on_frame, on_lost), sock=sock)

@@ -472,17 +472,31 @@ class WsFeeder:
 
     description = "websocket publish frames (one connection)"
 
-    def __init__(self, client: WsClient, channels: list[str]) -> None:
+    def __init__(
+        self,
+        client: WsClient,
+        channels: list[str],
+        payload: Callable[[int], bytes] | None = None,
+    ) -> None:
+        """``payload(n)``, when given, makes message ``n``'s payload (JSON-safe string
+        content, stamped or not as it chooses) in place of the 64-byte ones."""
         self.client = client
         self._prefixes = [b'{"op":"publish","channel":"%s","id":' % c.encode() for c in channels]
+        self._payload = payload
 
     def send(self, first: int, count: int, every: int) -> None:
         """Write ``count`` publish frames in one write."""
         prefixes = self._prefixes
         channels = len(prefixes)
+        make = self._payload
         frames = []
         for number in range(first, first + count):
-            payload = timestamp_payload(time.time_ns()) if number % every == 0 else PLAIN_PAYLOAD
+            if make is not None:
+                payload = make(number)
+            elif number % every == 0:
+                payload = timestamp_payload(time.time_ns())
+            else:
+                payload = PLAIN_PAYLOAD
             body = b'%s%d,"payload":"%s"}' % (prefixes[number % channels], number, payload)
             frames.append(client_frame(body))
         self.client.write(b"".join(frames))

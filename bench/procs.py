@@ -9,6 +9,7 @@ it forks). `Proc.stop` sends SIGTERM, then SIGKILL if the process lingers.
 from __future__ import annotations
 
 import os
+import platform
 import resource
 import shutil
 import signal
@@ -16,8 +17,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "HOST",
@@ -29,7 +32,11 @@ __all__ = [
     "free_port",
     "log_problems",
     "machine_busy_seconds",
+    "machine_facts",
+    "machine_irq_seconds",
+    "placement",
     "raise_nofile",
+    "server_facts",
     "spawn",
     "start_herald",
     "start_redis",
@@ -72,11 +79,26 @@ def raise_nofile(needed: int | None = None) -> tuple[int, int]:
     return soft, hard
 
 
+def _cpu_ticks() -> list[int]:
+    """The first eight fields of /proc/stat's ``cpu`` line, summed over all CPUs."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    return [int(x) for x in fields[:8]]
+
+
 def machine_busy_seconds() -> float:
     """CPU time all CPUs have spent busy since boot (/proc/stat: all but idle and iowait)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    user, nice, system, _idle, _iowait, irq, softirq, steal = _cpu_ticks()
     return (user + nice + system + irq + softirq + steal) / _CLK_TCK
+
+
+def machine_irq_seconds() -> float:
+    """CPU time all CPUs have spent in interrupts since boot (/proc/stat: irq + softirq).
+
+    No process is charged for it; on loopback much of it is the TCP work of the
+    processes a benchmark measures, not of other processes.
+    """
+    ticks = _cpu_ticks()
+    return (ticks[5] + ticks[6]) / _CLK_TCK
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -134,10 +156,14 @@ class Proc:
                 total += int(fields[11]) + int(fields[12])
         return total / _CLK_TCK
 
-    def rss_kib(self) -> int:
-        """Resident memory of the process and its descendants, KiB."""
+    def rss_kib(self, pids: Iterable[int] | None = None) -> int:
+        """Resident memory of the process and its descendants, KiB.
+
+        ``pids`` (from an earlier `pids`) skips the walk over ``/proc``, which
+        takes milliseconds: too long for a load generator sampling while it measures.
+        """
         total = 0
-        for pid in self.pids():
+        for pid in self.pids() if pids is None else pids:
             try:
                 status = Path(f"/proc/{pid}/status").read_text()
             except OSError:
@@ -221,10 +247,16 @@ def start_redis(log_path: Path, pin: bool) -> tuple[Proc, str]:
 
 
 def start_herald(
-    port: int, key: str, log_path: Path, pin: bool, redis_url: str | None = None
+    port: int,
+    key: str,
+    log_path: Path,
+    pin: bool,
+    redis_url: str | None = None,
+    settings: Mapping[str, str] | None = None,
 ) -> Proc:
-    """``python -m herald serve`` (the Redis engine when ``redis_url``), admin key ``key``."""
-    env = {**os.environ, "HERALD_ADMIN_KEY": key}
+    """``python -m herald serve`` (the Redis engine when ``redis_url``), admin key ``key``;
+    ``settings`` adds ``HERALD_*`` variables (e.g. a lower outbox limit)."""
+    env = {**os.environ, **(settings or {}), "HERALD_ADMIN_KEY": key}
     command = [sys.executable, "-m", "herald", "serve", "--host", HOST, "--port", str(port)]
     if redis_url:
         command += ["--redis", redis_url]
@@ -245,3 +277,34 @@ def log_problems(path: Path) -> list[str]:
     except OSError:
         return []
     return [line for line in lines if any(word in line for word in words)]
+
+
+def server_facts(proc: Proc, exit_code: int | None) -> dict[str, Any]:
+    """The ``server`` entry of a benchmark's JSON: exit code, log, its warning/error lines."""
+    problems = log_problems(proc.log_path)
+    return {
+        "exit_code": exit_code,
+        "log": str(proc.log_path),
+        "log_problems": len(problems),
+        "log_problem_examples": problems[:10],
+    }
+
+
+def machine_facts(
+    loadavg_before: tuple[float, float, float], loadavg_after: tuple[float, float, float]
+) -> dict[str, Any]:
+    """The ``machine`` entry of a benchmark's JSON."""
+    return {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg_before": loadavg_before,
+        "loadavg_after": loadavg_after,
+    }
+
+
+def placement(pin: bool, servers: str = "server") -> str:
+    """Which CPU each side ran on, for a report's header line."""
+    if not pin:
+        return "not pinned (fewer than 2 CPUs)"
+    return f"{servers} on CPU {SERVER_CPU}, load generator on CPU {LOADGEN_CPU}"

@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import datetime
 import os
-import platform
 import shutil
 import sys
 import time
@@ -34,9 +33,10 @@ from bench.loadgen import PAYLOAD_BYTES
 from bench.procs import (
     LOADGEN_CPU,
     RESULTS,
-    SERVER_CPU,
     can_pin,
     machine_busy_seconds,
+    machine_facts,
+    placement,
     raise_nofile,
 )
 from bench.report import OTHER_LIMIT_PCT, ratios, table
@@ -279,14 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     load_after = loadavg()
     rows = outcome["rows"]
     found = ratios(rows)
-    placement = (
-        f"servers and their redis-server on CPU {SERVER_CPU}, load generator on CPU {LOADGEN_CPU}"
-        if pin
-        else "not pinned (fewer than 2 CPUs)"
-    )
+    where = placement(pin, "servers and their redis-server")
     print()
     print(
-        f"Herald benchmark: {PAYLOAD_BYTES}-byte payloads, {args.seconds:g} s steps, {placement}; "
+        f"Herald benchmark: {PAYLOAD_BYTES}-byte payloads, {args.seconds:g} s steps, {where}; "
         f"{minutes:.1f} min"
     )
     print(f"load average before: {_load(load_before)}   after: {_load(load_after)}")
@@ -309,11 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "minutes": round(minutes, 2),
         "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "platform": platform.platform(),
-            "loadavg_before": load_before,
-            "loadavg_after": load_after,
+            **machine_facts(load_before, load_after),
             "other_cpu_pct_before": busy_before,
             "open_files_limit": nofile[0],
         },

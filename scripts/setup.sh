@@ -8,6 +8,8 @@ packages=()
 python3 -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv)
 if [ "${1:-}" = "test" ]; then
     command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
+    # The Redis Cluster tests create their cluster with redis-cli (Debian: redis-tools).
+    command -v redis-cli >/dev/null 2>&1 || packages+=(redis-tools)
     # The dashboard tests drive Debian's Chromium (Playwright's own browsers are not used).
     command -v chromium >/dev/null 2>&1 || packages+=(chromium)
 fi

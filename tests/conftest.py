@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.cluster import RedisClusterProcess, start_redis_cluster
 from tests.support import RedisProcess, ServerProcess, start_redis, start_server
 
 _names = itertools.count(1)
@@ -51,3 +52,20 @@ def fresh_redis(tmp_path: Path) -> Iterator[RedisProcess]:
     proc = start_redis(tmp_path)
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcess]:
+    """One real Redis Cluster (3 masters, 3 replicas) shared by tests that only add data
+    to it; tests that kill or restart nodes take `fresh_redis_cluster`."""
+    cluster = start_redis_cluster(tmp_path_factory.mktemp("redis-cluster"))
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def fresh_redis_cluster(tmp_path: Path) -> Iterator[RedisClusterProcess]:
+    """A Redis Cluster of the test's own, for tests that kill, restart or fail over nodes."""
+    cluster = start_redis_cluster(tmp_path / "redis-cluster")
+    yield cluster
+    cluster.stop()

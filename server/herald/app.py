@@ -17,22 +17,12 @@ from herald import api_devices, metrics, openapi, web
 from herald.access import AccessLog
 from herald.api import HotPaths, error_handlers, routes
 from herald.config import Settings
-from herald.engines.base import Engine
-from herald.engines.memory import MemoryEngine
+from herald.engines import make_engine
 from herald.logs import configure
 from herald.node import Node
 from herald.transport import Connection, keepalive
 
-__all__ = ["create_app", "make_engine", "run", "worker_app"]
-
-
-def make_engine(settings: Settings) -> Engine:
-    """The engine the settings ask for: Redis when a URL is set, else memory."""
-    if settings.redis_url:
-        from herald.engines.redis import RedisEngine
-
-        return RedisEngine(settings.redis_url)
-    return MemoryEngine()
+__all__ = ["create_app", "run", "worker_app"]
 
 
 def create_app(settings: Settings) -> ASGIApp:

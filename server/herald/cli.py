@@ -44,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="Redis URL (HERALD_REDIS_URL); without it the in-process memory engine is used",
     )
+    serve.add_argument(
+        "--redis-cluster",
+        dest="redis_cluster",
+        metavar="URLS",
+        help="Redis Cluster startup nodes, comma-separated redis:// URLs (HERALD_REDIS_CLUSTER)",
+    )
     serve.add_argument("--log-format", choices=["text", "json"], help="log line format")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     cli_commands.add_commands(commands)
@@ -51,10 +57,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _bootstrap_redis(settings: Settings) -> str | None:
-    from herald.engines.redis import RedisEngine
+    from herald.engines import make_engine
     from herald.identity import ensure_bootstrap_key
 
-    engine = RedisEngine(settings.redis_url or "")
+    engine = make_engine(settings)
     try:
         return await ensure_bootstrap_key(engine, settings.admin_key)
     finally:
@@ -75,18 +81,18 @@ def use_multiprocess_dir() -> None:
 def serve(settings: Settings) -> int:
     """Run the server; print its URL and, when one was generated, the admin key."""
     log_config = configure(settings.log_format, settings.log_level)
-    if settings.redis_url:
+    redis = settings.redis_cluster or settings.redis_url
+    if redis:
         try:
             generated = asyncio.run(_bootstrap_redis(settings))
-        except Unavailable as exc:
-            print(
-                f"herald: cannot reach Redis at {settings.redis_url}: {exc.detail}", file=sys.stderr
-            )
+        except (Unavailable, ValueError) as exc:
+            detail = exc.detail if isinstance(exc, Unavailable) else str(exc)
+            print(f"herald: cannot reach Redis at {redis}: {detail}", file=sys.stderr)
             return 1
     else:
         generated = None if settings.admin_key else new_key()
         settings = settings.replace(admin_key=settings.admin_key or generated)
-    engine = "redis" if settings.redis_url else "memory"
+    engine = settings.engine
     print(
         f"Herald {__version__} listening on http://{settings.host}:{settings.port} "
         f"({engine} engine, {settings.workers} worker{'s' if settings.workers > 1 else ''})",
@@ -95,7 +101,7 @@ def serve(settings: Settings) -> int:
     print(f"WebSocket endpoint: ws://{settings.host}:{settings.port}/v1/connect", flush=True)
     if generated:
         print(f"Admin key (app 'default', shown once): {generated}", flush=True)
-    elif settings.redis_url and not settings.admin_key:
+    elif redis and not settings.admin_key:
         print("Admin key: the one shown at first start (stored hashed in Redis)", flush=True)
     else:
         print("Admin key: taken from HERALD_ADMIN_KEY", flush=True)

@@ -35,6 +35,11 @@ class Settings:
     redis_url: str | None = None
     """Redis URL; unset means the embedded memory engine. Default unset."""
 
+    redis_cluster: str | None = None
+    """Redis Cluster startup nodes, comma-separated URLs
+    (``redis://127.0.0.1:7000,redis://127.0.0.1:7001``); replaces ``redis_url``.
+    Default unset."""
+
     admin_key: str | None = None
     """The bootstrap app's admin key; generated and printed when unset."""
 
@@ -131,7 +136,9 @@ class Settings:
         """Raise `ConfigError` for a combination Herald refuses to run with."""
         if self.workers < 1:
             raise ConfigError("--workers must be at least 1")
-        if self.workers > 1 and not self.redis_url:
+        if self.redis_url and self.redis_cluster:
+            raise ConfigError("pass --redis or --redis-cluster, not both")
+        if self.workers > 1 and not self.engine.startswith("redis"):
             raise ConfigError(
                 "--workers > 1 needs the Redis engine: the memory engine lives in one "
                 "process, so workers would not see each other's messages. "
@@ -150,6 +157,13 @@ class Settings:
         for name in ("publish_rate", "max_connections_per_ip"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be 0 (unlimited) or more")
+
+    @property
+    def engine(self) -> str:
+        """``redis-cluster``, ``redis`` or ``memory``: which engine these settings pick."""
+        if self.redis_cluster:
+            return "redis-cluster"
+        return "redis" if self.redis_url else "memory"
 
     @property
     def origins(self) -> list[str]:

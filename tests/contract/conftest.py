@@ -10,7 +10,9 @@ import pytest
 
 from herald.engines import Engine, MemoryEngine
 from herald.engines.redis import RedisEngine
+from herald.engines.redis_cluster import RedisClusterEngine
 from herald.models import Message
+from tests.cluster import RedisClusterProcess
 from tests.support import RedisProcess, scaled
 
 __all__ = ["ENGINE_FACTORIES", "EngineFactory", "Inbox"]
@@ -24,9 +26,15 @@ def _redis_engine(request: pytest.FixtureRequest) -> Engine:
     return RedisEngine(redis.url)
 
 
+def _cluster_engine(request: pytest.FixtureRequest) -> Engine:
+    cluster: RedisClusterProcess = request.getfixturevalue("redis_cluster")
+    return RedisClusterEngine(cluster.url)
+
+
 ENGINE_FACTORIES: dict[str, EngineFactory] = {
     "memory": lambda request: MemoryEngine(),
     "redis": _redis_engine,
+    "cluster": _cluster_engine,
 }
 
 

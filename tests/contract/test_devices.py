@@ -30,7 +30,7 @@ async def sibling(engine: Engine) -> AsyncIterator[Engine]:
     if not isinstance(engine, RedisEngine):
         yield engine
         return
-    other = RedisEngine(engine.url)
+    other = type(engine)(engine.url)
     try:
         yield other
     finally:

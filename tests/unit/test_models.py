@@ -351,6 +351,27 @@ def test_settings_several_workers_need_redis(
 def test_settings_several_workers_with_redis() -> None:
     settings = Settings.from_env({"HERALD_REDIS_URL": "redis://r:6379"}, workers=4)
     assert settings.workers == 4
+    assert settings.engine == "redis"
+
+
+def test_settings_redis_cluster_picks_the_cluster_engine() -> None:
+    env = {"HERALD_REDIS_CLUSTER": "redis://a:7000,redis://b:7001"}
+    settings = Settings.from_env(env, workers=4)
+    assert settings.engine == "redis-cluster"
+    assert Settings.from_env({}).engine == "memory"
+    with pytest.raises(ConfigError, match="not both"):
+        Settings.from_env({**env, "HERALD_REDIS_URL": "redis://r:6379"})
+
+
+def test_cluster_urls_parse_into_startup_nodes_and_credentials() -> None:
+    from herald.engines.redis_cluster import parse_cluster_urls
+
+    nodes, credentials = parse_cluster_urls("redis://:s%40cret@h1:7000, h2:7001,,rediss://h3")
+    assert [(n.host, int(n.port)) for n in nodes] == [("h1", 7000), ("h2", 7001), ("h3", 6379)]
+    assert credentials == {"username": None, "password": "s@cret"}
+    for bad in ("", " , ", "http://h:1", "redis://:7000"):
+        with pytest.raises(ValueError, match=r"Redis Cluster node|not a Redis URL"):
+            parse_cluster_urls(bad)
 
 
 @pytest.mark.parametrize(

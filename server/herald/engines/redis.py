@@ -23,19 +23,18 @@ import contextlib
 import logging
 import random
 import secrets
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.client import PubSub
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from herald.engines.base import ControlHandler, Engine, MessageHandler, decide_recovery
 from herald.engines.redis_batch import PublishBatcher, Submission
 from herald.engines.redis_devices import RedisDevices
+from herald.engines.redis_links import Links, PubSubLink
 from herald.engines.redis_records import RedisRecords
 from herald.errors import Unavailable
 from herald.models import (
@@ -48,7 +47,7 @@ from herald.models import (
     offset_key,
 )
 
-__all__ = ["RedisEngine"]
+__all__ = ["RedisEngine", "publish_script"]
 
 logger = logging.getLogger("herald.redis")
 
@@ -114,6 +113,8 @@ _CLOSE_TIMEOUT = 2.0
 _MAX_CONNECTIONS = 64  # command connections per worker (pub/sub has its own)
 _CONFIRM_TIMEOUT = 5.0  # seconds Redis has to confirm a SUBSCRIBE
 _CONTROL = b"herald:control"
+_MESSAGE = ("message", "smessage")
+_SUBSCRIBED = ("subscribe", "ssubscribe")
 
 
 def _tag(topic: Topic) -> str:
@@ -160,6 +161,11 @@ class _Subscription:
     catching_up: list[Message] | None = None
 
 
+def publish_script(command: str = "PUBLISH") -> str:
+    """The publish script; ``SPUBLISH`` makes it publish on the topic's shard only."""
+    return _PUBLISH.replace("'PUBLISH'", f"'{command}'")
+
+
 class RedisEngine(RedisRecords, RedisDevices, Engine):
     """Engine backed by one Redis server (Redis >= 7)."""
 
@@ -176,14 +182,19 @@ class RedisEngine(RedisRecords, RedisDevices, Engine):
         )
         self.redis: Redis = Redis(connection_pool=pool)
         self._batcher = PublishBatcher(self.redis, _PUBLISH)
+        self._setup()
+
+    def _setup(self) -> None:
+        # The part of construction both this engine and the cluster engine share.
         self._recover_script = self.redis.register_script(_RECOVER)
         self._on_message: MessageHandler | None = None
         self._on_control: ControlHandler | None = None
         self._subs: dict[bytes, _Subscription] = {}
-        self._pubsub: PubSub | None = None
+        self._links: Links | None = None
+        self._opening: Links | None = None
         self._listener: asyncio.Task[None] | None = None
-        self._pubsub_client: Redis | None = None
         self._confirming: dict[bytes, asyncio.Future[None]] = {}
+        self._leaving: Counter[bytes] = Counter()
         self._ever_connected = False
         self._connected = asyncio.Event()
         self._closed = False
@@ -268,12 +279,12 @@ class RedisEngine(RedisRecords, RedisDevices, Engine):
         sub = self._subs[tag] = _Subscription(topic)
         try:
             async with self._guard():
-                pubsub = self._pubsub
-                if pubsub is not None:
+                links = self._links
+                if links is not None:
                     # Redis confirms a SUBSCRIBE on the link once it is in force; reading
                     # the position before that could miss what is published meanwhile.
                     confirmed = self._confirming[tag] = asyncio.get_running_loop().create_future()
-                    await pubsub.subscribe(tag)
+                    await links.subscribe([tag])
                     try:
                         async with asyncio.timeout(_CONFIRM_TIMEOUT):
                             await confirmed
@@ -293,9 +304,10 @@ class RedisEngine(RedisRecords, RedisDevices, Engine):
         tag = _tag(topic).encode()
         if self._subs.pop(tag, None) is None:
             return
-        if self._pubsub is not None:
+        if self._links is not None:
+            self._leaving[tag] += 1
             with contextlib.suppress(RedisError, OSError):
-                await self._pubsub.unsubscribe(tag)
+                await self._links.unsubscribe(tag)
 
     async def history(
         self,
@@ -352,14 +364,12 @@ class RedisEngine(RedisRecords, RedisDevices, Engine):
         backoff = 0.05
         while not self._closed:
             try:
-                if self._pubsub is None:
+                if self._links is None:
                     await self._connect_pubsub()
                 backoff = 0.05
-                assert self._pubsub is not None
+                assert self._links is not None
                 while True:
-                    raw = await self._pubsub.get_message(timeout=None)
-                    if raw is not None:
-                        self._handle(raw)
+                    self._handle(await self._links.get())
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any failure of the link: reconnect from scratch
@@ -370,28 +380,24 @@ class RedisEngine(RedisRecords, RedisDevices, Engine):
                 await asyncio.sleep(backoff * (0.5 + random.random()))
                 backoff = min(backoff * 2, _BACKOFF_MAX)
 
+    def _new_links(self) -> Links:
+        """The pub/sub connections this engine listens on (one, to its one Redis)."""
+        return PubSubLink(self.url)
+
     async def _connect_pubsub(self) -> None:
-        client = Redis.from_url(
-            self.url,
-            socket_connect_timeout=2,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-        )
-        self._pubsub_client = client
-        await client.ping()
-        pubsub = client.pubsub()
+        links = self._opening = self._new_links()
         # Always subscribed to the control channel, so the link exists even with no topics.
-        await pubsub.subscribe(_CONTROL)
-        await self._confirmations(pubsub, {_CONTROL})
+        await links.open(_CONTROL)
+        await self._confirmations(links, {_CONTROL})
         # Set first: a subscribe() from now on goes straight to the new link.
-        self._pubsub = pubsub
+        self._links, self._opening = links, None
         done: set[bytes] = set()
         while batch := [tag for tag in self._subs if tag not in done]:
             for tag in batch:
                 self._subs[tag].catching_up = []
-            await pubsub.subscribe(*batch)
+            await links.subscribe(batch)
             # In force before the replay reads the streams: nothing falls in between.
-            await self._confirmations(pubsub, set(batch))
+            await self._confirmations(links, set(batch))
             done.update(batch)
         # Anything published while the link was down is in the streams: replay it.
         for tag in done:
@@ -405,24 +411,31 @@ class RedisEngine(RedisRecords, RedisDevices, Engine):
         self._connected.set()
         logger.info("pub/sub link to Redis up (%d topics)", len(done))
 
-    async def _confirmations(self, pubsub: PubSub, tags: set[bytes]) -> None:
-        """Read the link (the listener is not running) until Redis confirmed ``tags``."""
+    async def _confirmations(self, links: Links, tags: set[bytes]) -> None:
+        """Read the links (the listener is not running) until Redis confirmed ``tags``."""
         async with asyncio.timeout(_CONFIRM_TIMEOUT):
             while tags:
-                raw = await pubsub.get_message(timeout=_CONFIRM_TIMEOUT)
-                if raw is not None:
-                    self._handle(raw)
-                    if raw["type"] == "subscribe":
-                        tags.discard(raw["channel"])
+                raw = await links.get()
+                self._handle(raw)
+                if raw["type"] in _SUBSCRIBED:
+                    tags.discard(raw["channel"])
 
     def _handle(self, raw: dict[str, Any]) -> None:
         kind = raw["type"]
-        if kind == "message":
+        if kind in _MESSAGE:
             self._dispatch(raw["channel"], raw["data"])
-        elif kind == "subscribe":
+        elif kind in _SUBSCRIBED:
             confirmed = self._confirming.pop(raw["channel"], None)
             if confirmed is not None and not confirmed.done():
                 confirmed.set_result(None)
+        elif kind == "sunsubscribe":
+            tag = raw["channel"]
+            if self._leaving[tag] > 0:
+                self._leaving[tag] -= 1
+            elif tag in self._subs:
+                # Redis Cluster ends a shard subscription itself when the slot moves to
+                # another master: rebuild the links, which resubscribes on the new owner.
+                raise ConnectionError("a shard channel's slot moved")
 
     async def _catch_up(self, sub: _Subscription) -> None:
         since = f"{sub.last[0]}-{sub.last[1]}"
@@ -432,19 +445,16 @@ class RedisEngine(RedisRecords, RedisDevices, Engine):
             self._deliver(sub, message)
 
     async def _drop_pubsub(self) -> None:
-        pubsub, self._pubsub = self._pubsub, None
+        links, self._links = self._links or self._opening, None
+        self._opening = None
+        self._leaving.clear()
         confirming, self._confirming = self._confirming, {}
         for confirmed in confirming.values():
             if not confirmed.done():
                 confirmed.set_exception(Unavailable("the pub/sub link to Redis is down"))
                 confirmed.exception()  # retrieved, even if its subscriber gave up waiting
-        if pubsub is not None:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
-        client, self._pubsub_client = self._pubsub_client, None
-        if client is not None:
-            with contextlib.suppress(Exception):
-                await client.aclose()
+        if links is not None:
+            await links.close()
 
     async def broadcast(self, event: dict[str, Any]) -> None:
         """PUBLISH on the control channel, which every worker's link listens to."""

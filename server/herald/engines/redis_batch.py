@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from herald.errors import Unavailable
 
@@ -50,7 +51,7 @@ class _Request:
 class PublishBatcher:
     """Queues publishes and sends them in ordered pipelines, grouped by topic."""
 
-    def __init__(self, redis: Redis, script: str) -> None:
+    def __init__(self, redis: Redis | RedisCluster, script: str) -> None:
         self._redis = redis
         self._script = script
         self._sha: str | None = None
@@ -77,7 +78,7 @@ class PublishBatcher:
                     size += len(request.submissions)
                 try:
                     await self._send_batch([s for r in batch for s in r.submissions])
-                except (RedisError, OSError) as exc:
+                except (RedisError, RedisClusterException, OSError) as exc:
                     error = Unavailable(f"Redis is unavailable: {type(exc).__name__}")
                     for request in batch:
                         if not request.future.done():
@@ -102,24 +103,36 @@ class PublishBatcher:
             group.append(submission)
         if self._sha is None:
             self._sha = await self._redis.script_load(self._script)
-        try:
-            results = await self._pipeline(groups, batch, self._sha)
-        except NoScriptError:
-            # Redis restarted and forgot the script: nothing of this batch ran.
+        counts = Counter(submission.counter for submission in batch)
+        results = await self._pipeline(groups, counts, self._sha)
+        forgotten = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
+        if forgotten:
+            # A Redis (or one master of a cluster) restarted and forgot the script: those
+            # groups did not run, the others did. Load it again and run just those.
             self._sha = await self._redis.script_load(self._script)
-            results = await self._pipeline(groups, batch, self._sha)
+            again = await self._pipeline([groups[i] for i in forgotten], Counter(), self._sha)
+            for i, result in zip(forgotten, again, strict=True):
+                results[i] = result
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
         for group, ids in zip(groups, results, strict=True):
             for submission, raw in zip(group, ids, strict=True):
                 submission.id = raw.decode()
 
+    def _after_scripts(self, pipe: Any, groups: list[list[Submission]]) -> None:
+        """Queue commands that must follow the scripts on their connections (none here)."""
+
     async def _pipeline(
-        self, groups: list[list[Submission]], batch: list[Submission], sha: str
-    ) -> list[list[bytes]]:
-        counts = Counter(submission.counter for submission in batch)
+        self, groups: list[list[Submission]], counts: Counter[tuple[str, str]], sha: str
+    ) -> list[Any]:
         async with self._redis.pipeline(transaction=False) as pipe:
             for group in groups:
                 first = group[0]
-                pipe.evalsha(
+                # The generic form: the cluster pipeline blocks its evalsha() method, but
+                # routes EVALSHA by its keys just fine (all of one topic's slot).
+                pipe.execute_command(
+                    "EVALSHA",
                     sha,
                     2,
                     *first.keys,
@@ -130,5 +143,8 @@ class PublishBatcher:
             # Counts are advisory (channel `counts.messages`): one HINCRBY per channel.
             for (key, name), count in counts.items():
                 pipe.hincrby(key, name, count)
-            results = await pipe.execute()
+            self._after_scripts(pipe, groups)
+            # Errors come back as results: a script missing on one server must not hide
+            # which groups did run.
+            results: list[Any] = await pipe.execute(raise_on_error=False)
         return results[: len(groups)]

@@ -20,6 +20,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, WatchError
 
+from herald.engines.redis_records import PRESENCE
 from herald.models import Device
 
 __all__ = ["RedisDevices"]
@@ -119,7 +120,9 @@ class RedisDevices:
         """Optimistic: WATCH the record, read it, ``change`` it, write it in MULTI/EXEC;
         when another write came in between, EXEC fails and the whole round starts over."""
         key = f"{_prefix(app)}dev:{device_id}"
-        pipe = self.redis.pipeline(transaction=True)
+        # Entered, not just made: a cluster client finds its nodes on entry.
+        async with self._guard():
+            pipe = await self.redis.pipeline(transaction=True).__aenter__()
         try:
             while True:
                 async with self._guard():
@@ -178,7 +181,7 @@ class RedisDevices:
 
     async def connections(self, app: str, device_ids: list[str]) -> dict[str, str]:
         """HMGET the devices' connections, then keep those whose worker's presence
-        report (``herald:presence`` score: its expiry) is still fresh."""
+        report (``herald:{presence}`` score: its expiry) is still fresh."""
         if not device_ids:
             return {}
         async with self._guard():
@@ -191,7 +194,7 @@ class RedisDevices:
             if not found:
                 return {}
             workers = sorted({client.rpartition("/")[0] for client in found.values()})
-            expiries: Any = await self.redis.zmscore("herald:presence", workers)
+            expiries: Any = await self.redis.zmscore(PRESENCE, workers)
         now = time.time()
         live = {
             worker

@@ -15,14 +15,17 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from herald.errors import Unavailable
 from herald.models import App, Channel, KeyRecord
 
-__all__ = ["RedisRecords"]
+__all__ = ["PRESENCE", "RedisRecords"]
 
 _IDLE = "herald:idle"
+# One hash tag for the seen-workers zset and each worker's counts, so that a
+# transaction may write both on Redis Cluster too.
+PRESENCE = "herald:{presence}"
 _CLAIM_IDLE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 100)
 if #due > 0 then redis.call('ZREM', KEYS[1], unpack(due)) end
@@ -39,7 +42,7 @@ class RedisRecords:
     async def _guard(self) -> AsyncIterator[None]:
         try:
             yield
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             raise Unavailable(f"Redis is unavailable: {type(exc).__name__}") from None
 
     async def create_channel(self, channel: Channel) -> bool:
@@ -191,25 +194,25 @@ class RedisRecords:
 
     async def report_presence(self, worker: str, counts: dict[str, int], ttl: float) -> None:
         """Replace this worker's hash, and mark the worker seen."""
-        key = f"herald:presence:{worker}"
+        key = f"{PRESENCE}:{worker}"
         async with self._guard(), self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(key)
             if counts:
                 pipe.hset(key, mapping=counts)  # type: ignore[arg-type]
                 pipe.pexpire(key, int(ttl * 1000))
-            pipe.zadd("herald:presence", {worker: time.time() + ttl})
+            pipe.zadd(PRESENCE, {worker: time.time() + ttl})
             await pipe.execute()
 
     async def presence(self, app: str, name: str, exclude: str) -> int:
         """Sum the channel's count over the other workers whose report is still fresh."""
         async with self._guard():
-            workers: Any = await self.redis.zrangebyscore("herald:presence", time.time(), "+inf")
+            workers: Any = await self.redis.zrangebyscore(PRESENCE, time.time(), "+inf")
             others = [w.decode() for w in workers if w.decode() != exclude]
             if not others:
                 return 0
             async with self.redis.pipeline(transaction=False) as pipe:
                 for worker in others:
-                    pipe.hget(f"herald:presence:{worker}", f"{app}|{name}")
+                    pipe.hget(f"{PRESENCE}:{worker}", f"{app}|{name}")
                 counts = await pipe.execute()
         return sum(int(count) for count in counts if count is not None)
 

@@ -1,0 +1,97 @@
+"""The Redis Cluster engine: the Redis engine, spread over the shards of a cluster.
+
+Every key is hash-tagged already (see `herald.engines.redis`): a topic's stream,
+its meta hash and its pub/sub channel share the slot of ``{app|channel|room}``,
+and an app's records share the slot of ``{app}``. So the publish script runs on
+the master that owns the topic, and it SPUBLISHes there: sharded pub/sub keeps
+a message on its shard (plain PUBLISH would cross every node of the cluster).
+Each worker SSUBSCRIBEs a topic on the master that owns it (`ShardLinks`).
+
+Durability: a publish is acknowledged once a replica of its shard has it too
+(WAIT 1 on the connection that wrote it), so a failover that promotes that
+replica keeps every acknowledged message.
+
+Failover: when a master dies or a slot moves, its connection fails or Redis
+ends the shard subscriptions; the engine reloads the slot map, subscribes on
+the new owners and replays from the streams what it missed, as it does after
+a restart of a single Redis. Publishes to a slot answer 503 only while that
+slot has no reachable master.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+
+from herald.engines.redis import RedisEngine, publish_script
+from herald.engines.redis_batch import PublishBatcher, Submission
+from herald.engines.redis_links import Links, ShardLinks
+
+__all__ = ["RedisClusterEngine", "parse_cluster_urls"]
+
+_WAIT_MS = 1000  # longest a publish waits for a replica to confirm its write
+_MAX_CONNECTIONS = 64  # command connections per worker and master
+
+
+def parse_cluster_urls(urls: str) -> tuple[list[ClusterNode], dict[str, Any]]:
+    """Startup nodes from ``redis://host:port,redis://host:port,...`` (or bare
+    ``host:port``), and the credentials of the first URL that has them."""
+    nodes: list[ClusterNode] = []
+    credentials: dict[str, Any] = {}
+    for part in urls.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        url = urlsplit(part if "://" in part else f"redis://{part}")
+        if url.scheme not in ("redis", "rediss") or not url.hostname:
+            raise ValueError(f"not a Redis URL: {part!r}")
+        nodes.append(ClusterNode(url.hostname, url.port or 6379))
+        if url.password and not credentials:
+            credentials = {"username": unquote(url.username or "") or None}
+            credentials["password"] = unquote(url.password)
+    if not nodes:
+        raise ValueError("no Redis Cluster node given")
+    return nodes, credentials
+
+
+class _ReplicatedBatcher(PublishBatcher):
+    """Publishes that WAIT for one replica of each shard they wrote to."""
+
+    _redis: RedisCluster
+
+    def _after_scripts(self, pipe: Any, groups: list[list[Submission]]) -> None:
+        masters: dict[str, ClusterNode] = {}
+        for group in groups:
+            slot = self._redis.keyslot(group[0].keys[0])
+            owners = self._redis.nodes_manager.slots_cache.get(slot, [])
+            # A shard without a replica has nobody to wait for: WAIT would only time out.
+            if len(owners) > 1:
+                masters[owners[0].name] = owners[0]
+        for master in masters.values():
+            # Same master, same connection as the scripts: WAIT covers their writes.
+            pipe.execute_command("WAIT", 1, _WAIT_MS, target_nodes=master)
+
+
+class RedisClusterEngine(RedisEngine):
+    """Engine backed by a Redis Cluster (Redis >= 7, for sharded pub/sub)."""
+
+    def __init__(self, urls: str) -> None:
+        self.url = urls
+        nodes, credentials = parse_cluster_urls(urls)
+        self.redis: RedisCluster = RedisCluster(  # type: ignore[assignment]
+            startup_nodes=nodes,
+            # During a failover the other shards keep working.
+            require_full_coverage=False,
+            max_connections=_MAX_CONNECTIONS,
+            socket_connect_timeout=2,
+            socket_timeout=5,
+            **credentials,
+        )
+        self._batcher = _ReplicatedBatcher(self.redis, publish_script("SPUBLISH"))
+        self._setup()
+
+    def _new_links(self) -> Links:
+        """One pub/sub connection per master that owns a subscribed topic."""
+        return ShardLinks(self.redis)
