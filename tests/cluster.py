@@ -22,7 +22,7 @@ from typing import TypeAlias
 
 from redis.crc import key_slot
 
-from tests.support import free_port, scaled
+from tests.support import free_port, redis_cli, scaled
 
 __all__ = ["SLOTS", "RedisClusterProcess", "start_redis_cluster"]
 
@@ -286,23 +286,8 @@ class RedisClusterProcess:
         await asyncio.to_thread(self._restart, port)
 
     async def cli(self, port: int, *args: str) -> str:
-        """Run one ``redis-cli`` command against the node on ``port``; its output.
-
-        As with `tests.support.RedisProcess.cli`, an error reply (``MOVED ...``) is
-        output too: redis-cli prints it and exits 0.
-        """
-        proc = await asyncio.create_subprocess_exec(
-            "redis-cli",
-            "-p",
-            str(port),
-            *args,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        out, _ = await proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"redis-cli -p {port} {' '.join(args)} failed: {out!r}")
-        return out.decode(errors="replace")
+        """Run one ``redis-cli`` command against the node on ``port`` (see `redis_cli`)."""
+        return await redis_cli(port, *args)
 
     def stop(self) -> None:
         """Stop every node by PID: SIGTERM to all at once, SIGKILL to any that linger."""

@@ -20,6 +20,7 @@ __all__ = [
     "RedisProcess",
     "ServerProcess",
     "free_port",
+    "redis_cli",
     "scaled",
     "start_redis",
     "start_server",
@@ -137,6 +138,26 @@ def start_server(
     return server
 
 
+async def redis_cli(port: int, *args: str) -> str:
+    """Run one ``redis-cli`` command against the server on ``port``; its output.
+
+    redis-cli prints an error reply (``MOVED ...``, ``ERR ...``) and exits 0, so
+    such replies come back as output; a failure to run or connect raises.
+    """
+    proc = await asyncio.create_subprocess_exec(
+        "redis-cli",
+        "-p",
+        str(port),
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"redis-cli -p {port} {' '.join(args)} failed: {out!r}")
+    return out.decode(errors="replace")
+
+
 @dataclass
 class RedisProcess:
     """A ``redis-server`` the tests started on a free port; it can be killed and restarted."""
@@ -197,18 +218,7 @@ class RedisProcess:
 
     async def cli(self, *args: str) -> str:
         """Run one ``redis-cli`` command against this server; its output."""
-        proc = await asyncio.create_subprocess_exec(
-            "redis-cli",
-            "-p",
-            str(self.port),
-            *args,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        out, _ = await proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"redis-cli {' '.join(args)} failed: {out!r}")
-        return out.decode(errors="replace")
+        return await redis_cli(self.port, *args)
 
     def kill(self) -> None:
         """SIGKILL the server (a crash, as far as clients can tell) and wait for it."""
