@@ -20,6 +20,8 @@ slot has no reachable master.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -33,6 +35,9 @@ __all__ = ["RedisClusterEngine", "parse_cluster_urls"]
 
 _WAIT_MS = 1000  # longest a publish waits for a replica to confirm its write
 _MAX_CONNECTIONS = 64  # command connections per worker and master
+_REFRESH_EVERY = 5.0  # seconds between reads of the slot map
+
+logger = logging.getLogger("herald.redis")
 
 
 def parse_cluster_urls(urls: str) -> tuple[list[ClusterNode], dict[str, Any]]:
@@ -91,6 +96,35 @@ class RedisClusterEngine(RedisEngine):
         )
         self._batcher = _ReplicatedBatcher(self.redis, publish_script("SPUBLISH"))
         self._setup()
+
+    async def start(self, *args: Any, **kwargs: Any) -> None:
+        """Start as the Redis engine does, and keep the slot map fresh in the background."""
+        await super().start(*args, **kwargs)
+        self._refresher = asyncio.create_task(self._refresh_forever())
+
+    async def close(self) -> None:
+        """Stop refreshing the slot map, then close as the Redis engine does."""
+        refresher = getattr(self, "_refresher", None)
+        if refresher is not None:
+            refresher.cancel()
+            await asyncio.wait([refresher])
+        await super().close()
+
+    async def refresh_topology(self) -> None:
+        """Read the slot map again: which master owns each slot, and its replicas.
+
+        A replica shows up in the map once it holds data, and a failed one drops
+        out of it; publishes WAIT only on masters the map shows a replica for.
+        """
+        await self.redis.nodes_manager.initialize()
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(_REFRESH_EVERY)
+            try:
+                await self.refresh_topology()
+            except Exception as exc:  # the cluster may be failing over: next time
+                logger.debug("slot map refresh failed: %s", exc)
 
     def _new_links(self) -> Links:
         """One pub/sub connection per master that owns a subscribed topic."""
