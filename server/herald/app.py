@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -32,6 +33,11 @@ def create_app(settings: Settings) -> ASGIApp:
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         node = Node(settings, make_engine(settings))
         await node.start()
+        # What exists now (modules, routes, the node) lives as long as the worker. Out of
+        # the collector's sight, the collections that busy publishing triggers stop
+        # walking it again and again: batch publishes went from about 60k to 70k
+        # messages/s on one core (bench/run.py S4, four paired runs).
+        gc.freeze()
         chores = [
             asyncio.create_task(chore)
             for chore in (keepalive(node), node.sweep_idle(), node.report_presence())
