@@ -6,6 +6,7 @@ read the cluster's own counters to prove how the engine uses it.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -108,3 +109,16 @@ async def test_a_master_that_forgot_the_script_runs_only_its_own_groups_again(
         # Once each: the groups that ran on the other masters were not sent twice.
         assert [m.payload for m in history] == ["first", "second"]
         assert history[-1].id == message.id
+
+
+async def test_a_burst_of_commands_waits_for_connections_instead_of_failing(
+    engine: RedisClusterEngine,
+) -> None:
+    # Hundreds of clients subscribing at once each cost a few commands: more than the
+    # connections the engine keeps per master. They must queue, not fail.
+    channels = [Channel(app="a", name=f"burst{n}") for n in range(600)]
+    await asyncio.gather(*(engine.create_channel(c) for c in channels))
+    found = await asyncio.gather(*(engine.get_channel("a", c.name) for c in channels))
+    positions = await asyncio.gather(*(engine.position(c.topic()) for c in channels))
+    assert [c.name for c in found if c is not None] == [c.name for c in channels]
+    assert all(p.offset == "0-0" for p in positions)

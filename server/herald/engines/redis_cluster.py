@@ -34,7 +34,8 @@ from herald.engines.redis_links import Links, ShardLinks
 __all__ = ["RedisClusterEngine", "parse_cluster_urls"]
 
 _WAIT_MS = 1000  # longest a publish waits for a replica to confirm its write
-_MAX_CONNECTIONS = 64  # command connections per worker and master
+_CONCURRENT_COMMANDS = 64  # commands one worker has in flight at once
+_MAX_CONNECTIONS = 256  # connections per worker and master (commands and pipelines)
 _REFRESH_EVERY = 5.0  # seconds between reads of the slot map
 
 logger = logging.getLogger("herald.redis")
@@ -79,13 +80,33 @@ class _ReplicatedBatcher(PublishBatcher):
             pipe.execute_command("WAIT", 1, _WAIT_MS, target_nodes=master)
 
 
+class _WaitingCluster(RedisCluster):
+    """A cluster client whose callers wait for a connection rather than fail.
+
+    redis-py's cluster client raises MaxConnectionsError once a master's pool is
+    exhausted (the single-Redis engine uses a blocking pool instead): a burst of
+    subscribes would turn into "unavailable". Commands queue behind a semaphore
+    smaller than each master's pool; the pool stays large for pipelines, which
+    are fewer and bounded by the requests in flight.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._commands = asyncio.Semaphore(_CONCURRENT_COMMANDS)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        """Run one command once fewer than the limit are in flight."""
+        async with self._commands:
+            return await super().execute_command(*args, **kwargs)
+
+
 class RedisClusterEngine(RedisEngine):
     """Engine backed by a Redis Cluster (Redis >= 7, for sharded pub/sub)."""
 
     def __init__(self, urls: str) -> None:
         self.url = urls
         nodes, credentials = parse_cluster_urls(urls)
-        self.redis: RedisCluster = RedisCluster(  # type: ignore[assignment]
+        self.redis: RedisCluster = _WaitingCluster(  # type: ignore[assignment]
             startup_nodes=nodes,
             # During a failover the other shards keep working.
             require_full_coverage=False,
