@@ -57,6 +57,7 @@ from bench.procs import (
     raise_nofile,
     spawn,
     wait_port,
+    worker_pids,
 )
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -120,19 +121,6 @@ def start_herald(port: int, key: str, redis_url: str, log_path: Path, pin: bool)
     command = [sys.executable, "-m", "herald", "serve", "--host", HOST, "--port", str(port)]
     command += ["--redis", redis_url, "--workers", "2"]
     return spawn("herald", command, log_path, pin, env)
-
-
-def worker_pids(herald: Proc) -> set[int]:
-    """Herald's worker processes: its children that run multiprocessing's ``spawn_main``
-    (uvicorn's supervisor also forks multiprocessing's resource tracker)."""
-    workers = set()
-    for pid in herald.pids()[1:]:
-        try:
-            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                workers.add(pid)
-        except OSError:
-            continue
-    return workers
 
 
 # The counters of one run ----------------------------------------------------------------

@@ -170,6 +170,8 @@ class WsClient(asyncio.Protocol):
         self.upgraded = False
         self.closing = False
         self.close_code: str | None = None
+        self.received = 0
+        """Data frames this connection counted (its share of ``totals.received``)."""
         self._accept = ""
         self._tail = b""
         self._skip = 0
@@ -338,6 +340,7 @@ class WsClient(asyncio.Protocol):
             self._tail = data[i:]
         if count:
             self.totals.received += count
+            self.received += count
 
     def _data_frame(self, payload: bytes, now: int) -> bool:
         """Handle a frame while inspecting; True if it counts as a delivery."""

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,11 +29,13 @@ __all__ = [
     "SERVER_CPU",
     "Proc",
     "can_pin",
+    "cpu_seconds",
     "free_port",
     "log_problems",
     "machine_busy_seconds",
     "machine_facts",
     "machine_irq_seconds",
+    "machine_steal_seconds",
     "placement",
     "raise_nofile",
     "server_facts",
@@ -42,6 +44,7 @@ __all__ = [
     "start_redis",
     "start_reference",
     "wait_port",
+    "worker_pids",
 ]
 
 HOST = "127.0.0.1"
@@ -101,6 +104,12 @@ def machine_irq_seconds() -> float:
     return (ticks[5] + ticks[6]) / _CLK_TCK
 
 
+def machine_steal_seconds() -> float:
+    """CPU time the hypervisor ran something else while this machine's CPUs had work
+    (/proc/stat: steal). No process is charged for it either."""
+    return _cpu_ticks()[7] / _CLK_TCK
+
+
 def _stat_fields(pid: int) -> list[str] | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -108,6 +117,16 @@ def _stat_fields(pid: int) -> list[str] | None:
         return None
     # Fields after the command name, which may itself contain spaces and parentheses.
     return stat.rsplit(")", 1)[1].split()
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """User + system CPU time used so far by these processes (those that still run)."""
+    total = 0
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields is not None:
+            total += int(fields[11]) + int(fields[12])
+    return total / _CLK_TCK
 
 
 def _children() -> dict[int, list[int]]:
@@ -149,12 +168,7 @@ class Proc:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time used so far by the process and its descendants."""
-        total = 0
-        for pid in self.pids():
-            fields = _stat_fields(pid)
-            if fields is not None:
-                total += int(fields[11]) + int(fields[12])
-        return total / _CLK_TCK
+        return cpu_seconds(self.pids())
 
     def rss_kib(self, pids: Iterable[int] | None = None) -> int:
         """Resident memory of the process and its descendants, KiB.
@@ -253,14 +267,29 @@ def start_herald(
     pin: bool,
     redis_url: str | None = None,
     settings: Mapping[str, str] | None = None,
+    args: Sequence[str] = (),
 ) -> Proc:
     """``python -m herald serve`` (the Redis engine when ``redis_url``), admin key ``key``;
-    ``settings`` adds ``HERALD_*`` variables (e.g. a lower outbox limit)."""
+    ``settings`` adds ``HERALD_*`` variables (e.g. a lower outbox limit), ``args`` more
+    ``serve`` flags (e.g. ``--redis-cluster URLS --workers 2``)."""
     env = {**os.environ, **(settings or {}), "HERALD_ADMIN_KEY": key}
     command = [sys.executable, "-m", "herald", "serve", "--host", HOST, "--port", str(port)]
     if redis_url:
         command += ["--redis", redis_url]
-    return spawn("herald", command, log_path, pin, env)
+    return spawn("herald", [*command, *args], log_path, pin, env)
+
+
+def worker_pids(herald: Proc) -> set[int]:
+    """Herald's worker processes: its children that run multiprocessing's ``spawn_main``
+    (uvicorn's supervisor also forks multiprocessing's resource tracker)."""
+    workers = set()
+    for pid in herald.pids()[1:]:
+        try:
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                workers.add(pid)
+        except OSError:
+            continue
+    return workers
 
 
 def start_reference(script: Path, port: int, redis_url: str, log_path: Path, pin: bool) -> Proc:

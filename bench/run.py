@@ -196,7 +196,7 @@ async def run_all(args: argparse.Namespace, pin: bool) -> dict[str, Any]:
             progress(f"[{target.name}] {label}")
             detail: dict[str, Any] = {"scenario": label, "target": target.name}
             if args.wait_quiet > 0:
-                waited, busy = await _wait_quiet(args.wait_quiet)
+                waited, busy = await wait_quiet(args.wait_quiet)
                 detail["waited_for_quiet_s"] = round(waited, 1)
                 if waited >= 3:
                     progress(f"  waited {waited:.0f} s for a quiet machine (others: {busy:.0f}%)")
@@ -234,7 +234,7 @@ async def run_all(args: argparse.Namespace, pin: bool) -> dict[str, Any]:
     return {"rows": rows, "runs": details, "skipped": skipped}
 
 
-async def _wait_quiet(limit: float) -> tuple[float, float]:
+async def wait_quiet(limit: float) -> tuple[float, float]:
     """Wait (at most ``limit`` s) until the rest of the machine uses < 10% of a CPU for 2 s."""
     started = time.monotonic()
     quiet_since: float | None = None
@@ -253,7 +253,7 @@ async def _wait_quiet(limit: float) -> tuple[float, float]:
     return time.monotonic() - started, busy
 
 
-def _quiet_check(seconds: float = 1.0) -> float:
+def quiet_check(seconds: float = 1.0) -> float:
     """Percent of a CPU the rest of the machine uses right now (we are idle)."""
     busy = machine_busy_seconds()
     time.sleep(seconds)
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     if pin:
         os.sched_setaffinity(0, {LOADGEN_CPU})
     load_before = loadavg()
-    busy_before = _quiet_check()
+    busy_before = quiet_check()
     started = time.monotonic()
     outcome = uvloop.run(run_all(args, pin))
     minutes = (time.monotonic() - started) / 60

@@ -19,6 +19,7 @@ import asyncio
 import gc
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from bench.loadgen import (
 )
 from bench.procs import RESULTS
 from bench.resp import RedisFeeder
-from bench.targets import Session, usage
+from bench.targets import Mark, Session, usage
 
 __all__ = [
     "DRAIN_SECONDS",
@@ -45,9 +46,11 @@ __all__ = [
     "Plan",
     "connect_many",
     "fanout",
+    "find_max",
     "http_publish",
     "idle",
     "progress",
+    "run_step",
 ]
 
 DRAIN_SECONDS = 5.0
@@ -166,26 +169,30 @@ async def connect_many(
     return Connected(clients, seconds, len(retried), retried[:5])
 
 
-async def _step(
+async def run_step(
     publisher: Publisher,
     totals: Totals,
-    session: Session,
+    mark: Callable[[], Mark],
     *,
     label: str,
     seconds: float,
     rate: float | None,
     every: int,
 ) -> dict[str, Any]:
-    """One publishing window, then the drain; everything about it."""
+    """One publishing window, then the drain; everything about it.
+
+    ``mark`` snapshots the CPU time of every side (`Session.mark`); it is called
+    right before and right after the publishing window.
+    """
     loop = asyncio.get_running_loop()
     totals.samples = []
     totals.sampling = True
     closes_before = sum(totals.closes.values())
     errors_before = totals.error_count
     reads_before = totals.reads
-    before = session.mark()
+    before = mark()
     counts = await publisher.run(seconds, rate, every)
-    after = session.mark()
+    after = mark()
     expected = counts.published * publisher.fanout
     drain_start = loop.time()
     await publisher.wait_until(counts.first_received + expected, totals.sent, DRAIN_SECONDS)
@@ -228,6 +235,35 @@ async def _step(
         "subscriber_closes": sum(totals.closes.values()) - closes_before,
         "client_errors": totals.error_count - errors_before,
     }
+
+
+Step = Callable[[str, float, float | None], Awaitable[dict[str, Any]]]
+"""Runs one step: ``(label, seconds, rate)``, rate None for as fast as allowed; its result."""
+
+
+async def find_max(
+    step: Step, seconds: float, retries: int, per_channel: int
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None, dict[str, Any]]:
+    """The max step, paced steps at `STEP_DOWN` of what it delivered while 1 % or more is
+    lost (up to ``retries``), then a paced step at half the accepted rate; each step
+    lasts ``seconds``, and every message makes ``per_channel`` deliveries.
+
+    Returns every step but the half one, the accepted step (the first under
+    `LOSS_LIMIT_PCT` loss; None if none was) and the half-rate step.
+    """
+    steps = [await step("max", seconds, None)]
+    accepted = steps[0] if steps[0]["loss_pct"] < LOSS_LIMIT_PCT else None
+    for _ in range(retries):
+        if accepted is not None:
+            break
+        # What the server delivered, not what the publisher managed to send.
+        rate = STEP_DOWN * steps[-1]["deliveries_per_s"] / per_channel
+        steps.append(await step(f"{rate:.3g}/s", seconds, rate))
+        if steps[-1]["loss_pct"] < LOSS_LIMIT_PCT:
+            accepted = steps[-1]
+    basis = accepted or steps[-1]
+    half = await step("half", seconds, 0.5 * basis["deliveries_per_s"] / per_channel)
+    return steps, accepted, half
 
 
 async def _feeder(
@@ -302,10 +338,10 @@ async def fanout(session: Session, spec: FanoutSpec, plan: Plan) -> dict[str, An
             return max(1, round(rate / SAMPLES_PER_SECOND))
 
         async def step(label: str, seconds: float, rate: float | None) -> dict[str, Any]:
-            result = await _step(
+            result = await run_step(
                 publisher,
                 totals,
-                session,
+                session.mark,
                 label=label,
                 seconds=seconds,
                 rate=rate,
@@ -323,20 +359,10 @@ async def fanout(session: Session, spec: FanoutSpec, plan: Plan) -> dict[str, An
         if warmup["received_after_drain"] == 0:
             raise RuntimeError(f"nothing delivered in the warm-up: {totals.errors[:3]}")
         profile = await _start_profile(session, spec, plan)
-        steps = [await step("max", plan.seconds, None)]
+        steps, accepted, half = await find_max(step, plan.seconds, plan.retries, spec.per_channel)
         if profile is not None:
             setup["profile"] = await _finish_profile(*profile)
-        accepted = steps[0] if steps[0]["loss_pct"] < LOSS_LIMIT_PCT else None
-        for _ in range(plan.retries):
-            if accepted is not None:
-                break
-            # What the server delivered, not what the publisher managed to send.
-            rate = STEP_DOWN * steps[-1]["deliveries_per_s"] / spec.per_channel
-            steps.append(await step(f"{rate:.3g}/s", plan.seconds, rate))
-            if steps[-1]["loss_pct"] < LOSS_LIMIT_PCT:
-                accepted = steps[-1]
         basis = accepted or steps[-1]
-        half = await step("half", plan.seconds, 0.5 * basis["deliveries_per_s"] / spec.per_channel)
     finally:
         gc.unfreeze()
         for client in clients:

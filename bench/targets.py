@@ -140,7 +140,7 @@ class Session:
                 log = RESULTS / f"{stem}-server.log"
                 server = start_reference(target.script, port, redis_url, log, pin)
             session = cls(target, server, port, key, redis, redis_url)
-            await session._wait_ready()
+            await session.wait_ready()
         except BaseException:
             if server is not None:
                 server.stop()
@@ -149,7 +149,8 @@ class Session:
             raise
         return session
 
-    async def _wait_ready(self, within: float = 30.0) -> None:
+    async def wait_ready(self, within: float = 30.0) -> None:
+        """Wait until the server takes WebSocket connects; Herald: probe the batch endpoint."""
         await asyncio.to_thread(wait_port, self.server, self.port, within)
         deadline = time.monotonic() + within
         while True:
