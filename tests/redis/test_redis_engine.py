@@ -105,3 +105,18 @@ async def test_address_of_a_half_written_device_is_free(engine: RedisEngine) -> 
     fresh = Device(id="dev-fresh", app="halves", address="token-1", platform="ios")
     assert await engine.add_device(fresh) is None
     assert await engine.find_device("halves", "ios", "token-1") == fresh
+
+
+async def test_unsubscribing_leaves_no_bookkeeping_behind(engine: RedisEngine) -> None:
+    topics = [Topic("a", f"churn{n}") for n in range(50)]
+    for _ in range(3):
+        for topic in topics:
+            await engine.subscribe(topic)
+        for topic in topics:
+            await engine.unsubscribe(topic)
+
+    async def confirmed() -> bool:
+        return not engine._leaving
+
+    # Every UNSUBSCRIBE Redis confirms settles its entry: churn does not grow memory.
+    await wait_until(confirmed)

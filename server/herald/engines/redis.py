@@ -115,6 +115,7 @@ _CONFIRM_TIMEOUT = 5.0  # seconds Redis has to confirm a SUBSCRIBE
 _CONTROL = b"herald:control"
 _MESSAGE = ("message", "smessage")
 _SUBSCRIBED = ("subscribe", "ssubscribe")
+_UNSUBSCRIBED = ("unsubscribe", "sunsubscribe")
 
 
 def _tag(topic: Topic) -> str:
@@ -428,11 +429,13 @@ class RedisEngine(RedisRecords, RedisDevices, Engine):
             confirmed = self._confirming.pop(raw["channel"], None)
             if confirmed is not None and not confirmed.done():
                 confirmed.set_result(None)
-        elif kind == "sunsubscribe":
+        elif kind in _UNSUBSCRIBED:
             tag = raw["channel"]
             if self._leaving[tag] > 0:
                 self._leaving[tag] -= 1
-            elif tag in self._subs:
+                if not self._leaving[tag]:
+                    del self._leaving[tag]
+            elif kind == "sunsubscribe" and tag in self._subs:
                 # Redis Cluster ends a shard subscription itself when the slot moves to
                 # another master: rebuild the links, which resubscribes on the new owner.
                 raise ConnectionError("a shard channel's slot moved")

@@ -49,10 +49,6 @@ async def _close(pubsub: PubSub, client: Redis) -> None:
 class Links(abc.ABC):
     """The connections one worker receives pub/sub messages on."""
 
-    #: Event types that confirm a subscription / end one / carry a message.
-    SUBSCRIBED: str
-    UNSUBSCRIBED: str
-
     @abc.abstractmethod
     async def open(self, control: bytes) -> None:
         """Connect and SUBSCRIBE to the control channel (confirmed through `get`)."""
@@ -76,9 +72,6 @@ class Links(abc.ABC):
 
 class PubSubLink(Links):
     """One connection to one Redis: SUBSCRIBE for the control channel and every topic."""
-
-    SUBSCRIBED = "subscribe"
-    UNSUBSCRIBED = "unsubscribe"
 
     def __init__(self, url: str) -> None:
         self._client = Redis.from_url(
@@ -123,9 +116,6 @@ class ShardLinks(Links):
     so it is SUBSCRIBEd on one master. A reader task per connection feeds one
     queue; the first failure of any of them is raised from `get`.
     """
-
-    SUBSCRIBED = "ssubscribe"
-    UNSUBSCRIBED = "sunsubscribe"
 
     def __init__(self, cluster: RedisCluster) -> None:
         self._cluster = cluster
