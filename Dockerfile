@@ -13,9 +13,9 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 RUN python -m venv /opt/herald
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY server ./server
-RUN /opt/herald/bin/pip install --no-cache-dir .
+RUN /opt/herald/bin/pip install --no-cache-dir -c constraints.txt .
 
 # Runtime stage: the slim base plus the virtualenv; no sources, no build cache.
 FROM python:3.11-slim

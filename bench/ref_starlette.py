@@ -161,7 +161,7 @@ def make_app(redis_url: str, on_reader_done: Callable[[asyncio.Task[None]], None
             yield
         finally:
             reader.cancel()
-            await hub.pubsub.aclose()  # type: ignore[no-untyped-call]
+            await hub.pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
             await redis.aclose()
 
     return Starlette(

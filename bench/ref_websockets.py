@@ -159,7 +159,7 @@ async def main(port: int, redis_url: str) -> int:
     if failed:
         logging.error("Redis reader failed", exc_info=reader.exception())
     reader.cancel()
-    await hub.pubsub.aclose()  # type: ignore[no-untyped-call]
+    await hub.pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
     await redis.aclose()
     return 1 if failed else 0
 

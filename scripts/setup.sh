@@ -31,4 +31,4 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 spec="."
 [ -n "${1:-}" ] && spec=".[$1]"
-.venv/bin/python -m pip install -q -e "$spec"
+.venv/bin/python -m pip install -q -c constraints.txt -e "$spec"

@@ -100,7 +100,7 @@ def _drop_dead_processes(directory: str) -> None:
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
-            _multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+            _multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call,unused-ignore]
         except PermissionError:  # alive, someone else's
             pass
 
@@ -112,7 +112,7 @@ async def metrics(request: Request) -> Response:
         with contextlib.suppress(OSError):
             _drop_dead_processes(directory)
         registry = CollectorRegistry()
-        _multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+        _multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call,unused-ignore]
         body = generate_latest(registry)
     else:
         body = generate_latest()

@@ -25,7 +25,7 @@ import logging
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
 
 from herald.engines.redis import RedisEngine, publish_script
 from herald.engines.redis_batch import PublishBatcher, Submission
@@ -35,7 +35,10 @@ __all__ = ["RedisClusterEngine", "parse_cluster_urls"]
 
 _WAIT_MS = 1000  # longest a publish waits for a replica to confirm its write
 _CONCURRENT_COMMANDS = 64  # commands one worker has in flight at once
-_MAX_CONNECTIONS = 256  # connections per worker and master (commands and pipelines)
+_CONCURRENT_PIPELINES = 64  # pipelines one worker has in flight at once
+# Connections per worker and master: a pipeline holds at most one per master, and the
+# commands it retries after a redirection count as commands, so this is never reached.
+_MAX_CONNECTIONS = 256
 _REFRESH_EVERY = 5.0  # seconds between reads of the slot map
 
 logger = logging.getLogger("herald.redis")
@@ -80,24 +83,46 @@ class _ReplicatedBatcher(PublishBatcher):
             pipe.execute_command("WAIT", 1, _WAIT_MS, target_nodes=master)
 
 
+class _WaitingPipeline(ClusterPipeline):
+    """A cluster pipeline that runs once fewer than the limit are in flight."""
+
+    def __init__(self, client: RedisCluster, transaction: Any, turns: asyncio.Semaphore) -> None:
+        super().__init__(client, transaction)
+        self._turns = turns
+
+    async def execute(self, *args: Any, **kwargs: Any) -> list[Any]:
+        """Wait for a turn, then run the pipeline."""
+        async with self._turns:
+            return await super().execute(*args, **kwargs)
+
+
 class _WaitingCluster(RedisCluster):
     """A cluster client whose callers wait for a connection rather than fail.
 
     redis-py's cluster client raises MaxConnectionsError once a master's pool is
     exhausted (the single-Redis engine uses a blocking pool instead): a burst of
-    subscribes would turn into "unavailable". Commands queue behind a semaphore
-    smaller than each master's pool; the pool stays large for pipelines, which
-    are fewer and bounded by the requests in flight.
+    subscribes would turn into "unavailable". Commands and pipelines queue
+    behind semaphores of their own (a pipeline retries redirected commands as
+    commands, so one semaphore for both could deadlock), whose sum stays below
+    each master's pool.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._commands = asyncio.Semaphore(_CONCURRENT_COMMANDS)
+        self._pipelines = asyncio.Semaphore(_CONCURRENT_PIPELINES)
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         """Run one command once fewer than the limit are in flight."""
         async with self._commands:
             return await super().execute_command(*args, **kwargs)
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
+        """A pipeline that waits for its turn (see `_WaitingPipeline`)."""
+        if shard_hint:
+            return super().pipeline(transaction, shard_hint)  # refused, as redis-py does
+        # redis-py declares some attributes abstract that its own pipelines set at run time.
+        return _WaitingPipeline(self, transaction, self._pipelines)  # type: ignore[abstract,unused-ignore]
 
 
 class RedisClusterEngine(RedisEngine):
@@ -106,7 +131,7 @@ class RedisClusterEngine(RedisEngine):
     def __init__(self, urls: str) -> None:
         self.url = urls
         nodes, credentials = parse_cluster_urls(urls)
-        self.redis: RedisCluster = _WaitingCluster(  # type: ignore[assignment]
+        self.redis: RedisCluster = _WaitingCluster(  # type: ignore[assignment,unused-ignore]
             startup_nodes=nodes,
             # During a failover the other shards keep working.
             require_full_coverage=False,

@@ -137,7 +137,7 @@ class RedisDevices:
                 if _identity(device) != before:
                     raise ValueError("a device's id, app, platform and address cannot change")
                 async with self._guard():
-                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.multi()  # type: ignore[no-untyped-call,unused-ignore]
                     pipe.set(key, orjson.dumps(device.to_record()))
                     try:
                         await pipe.execute()
@@ -148,7 +148,7 @@ class RedisDevices:
             # UNWATCHes if we leave while watching (change raised, or no record) and gives
             # the connection back. The answer is settled by now: a failure here changes nothing.
             with contextlib.suppress(RedisError, OSError):
-                await pipe.reset()  # type: ignore[no-untyped-call]
+                await pipe.reset()  # type: ignore[no-untyped-call,unused-ignore]
 
     async def delete_device(self, app: str, device_id: str) -> Device | None:
         """Read the record (for its index entry), then one script drops record, index

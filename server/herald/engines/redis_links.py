@@ -41,7 +41,7 @@ def _client(**kwargs: Any) -> Redis:
 
 async def _close(pubsub: PubSub, client: Redis) -> None:
     with contextlib.suppress(Exception):
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
     with contextlib.suppress(Exception):
         await client.aclose()
 
@@ -100,7 +100,7 @@ class PubSubLink(Links):
         while True:
             raw = await self._pubsub.get_message(timeout=None)
             if raw is not None:
-                return raw  # type: ignore[no-any-return]
+                return raw  # type: ignore[no-any-return,unused-ignore]
 
     async def close(self) -> None:
         """Close the connection."""

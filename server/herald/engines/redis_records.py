@@ -198,7 +198,7 @@ class RedisRecords:
         async with self._guard(), self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(key)
             if counts:
-                pipe.hset(key, mapping=counts)  # type: ignore[arg-type]
+                pipe.hset(key, mapping=counts)  # type: ignore[arg-type,unused-ignore]
                 pipe.pexpire(key, int(ttl * 1000))
             pipe.zadd(PRESENCE, {worker: time.time() + ttl})
             await pipe.execute()
