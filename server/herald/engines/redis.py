@@ -113,9 +113,9 @@ _CLOSE_TIMEOUT = 2.0
 _MAX_CONNECTIONS = 64  # command connections per worker (pub/sub has its own)
 _CONFIRM_TIMEOUT = 5.0  # seconds Redis has to confirm a SUBSCRIBE
 _CONTROL = b"herald:control"
-_MESSAGE = ("message", "smessage")
-_SUBSCRIBED = ("subscribe", "ssubscribe")
-_UNSUBSCRIBED = ("unsubscribe", "sunsubscribe")
+_MESSAGE = (b"message", b"smessage")
+_SUBSCRIBED = (b"subscribe", b"ssubscribe")
+_UNSUBSCRIBED = (b"unsubscribe", b"sunsubscribe")
 
 
 def _tag(topic: Topic) -> str:
@@ -370,7 +370,8 @@ class RedisEngine(RedisRecords, RedisDevices, Engine):
                 backoff = 0.05
                 assert self._links is not None
                 while True:
-                    self._handle(await self._links.get())
+                    for raw in await self._links.get():
+                        self._handle(raw)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # any failure of the link: reconnect from scratch
@@ -416,26 +417,27 @@ class RedisEngine(RedisRecords, RedisDevices, Engine):
         """Read the links (the listener is not running) until Redis confirmed ``tags``."""
         async with asyncio.timeout(_CONFIRM_TIMEOUT):
             while tags:
-                raw = await links.get()
-                self._handle(raw)
-                if raw["type"] in _SUBSCRIBED:
-                    tags.discard(raw["channel"])
+                for raw in await links.get():
+                    self._handle(raw)
+                    if raw[0] in _SUBSCRIBED:
+                        tags.discard(raw[1])
 
-    def _handle(self, raw: dict[str, Any]) -> None:
-        kind = raw["type"]
+    def _handle(self, raw: list[Any]) -> None:
+        # A RESP reply: [kind, channel, data or count].
+        kind = raw[0]
         if kind in _MESSAGE:
-            self._dispatch(raw["channel"], raw["data"])
+            self._dispatch(raw[1], raw[2])
         elif kind in _SUBSCRIBED:
-            confirmed = self._confirming.pop(raw["channel"], None)
+            confirmed = self._confirming.pop(raw[1], None)
             if confirmed is not None and not confirmed.done():
                 confirmed.set_result(None)
         elif kind in _UNSUBSCRIBED:
-            tag = raw["channel"]
+            tag = raw[1]
             if self._leaving[tag] > 0:
                 self._leaving[tag] -= 1
                 if not self._leaving[tag]:
                     del self._leaving[tag]
-            elif kind == "sunsubscribe" and tag in self._subs:
+            elif kind == b"sunsubscribe" and tag in self._subs:
                 # Redis Cluster ends a shard subscription itself when the slot moves to
                 # another master: rebuild the links, which resubscribes on the new owner.
                 raise ConnectionError("a shard channel's slot moved")

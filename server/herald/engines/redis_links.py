@@ -14,36 +14,15 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import contextlib
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+
+from herald.engines.redis_wire import Endpoint, Inbox, RespConnection, connect, endpoint_from_url
 
 __all__ = ["Links", "PubSubLink", "ShardLinks"]
 
 _CONNECT_TIMEOUT = 2.0
-
-
-def _client(**kwargs: Any) -> Redis:
-    # No silent retries and no health checks: a link that fails must say so, because
-    # only the engine knows how to resubscribe and replay what was missed.
-    return Redis(
-        socket_connect_timeout=_CONNECT_TIMEOUT,
-        retry=Retry(NoBackoff(), 0),
-        health_check_interval=0,
-        **kwargs,
-    )
-
-
-async def _close(pubsub: PubSub, client: Redis) -> None:
-    with contextlib.suppress(Exception):
-        await pubsub.aclose()  # type: ignore[no-untyped-call,unused-ignore]
-    with contextlib.suppress(Exception):
-        await client.aclose()
 
 
 class Links(abc.ABC):
@@ -62,8 +41,11 @@ class Links(abc.ABC):
         """Stop receiving one topic's channel."""
 
     @abc.abstractmethod
-    async def get(self) -> dict[str, Any]:
-        """The next raw pub/sub event from any connection; raises when one failed."""
+    async def get(self) -> list[Any]:
+        """Every raw pub/sub event received so far from any connection (at least one).
+
+        Raises once a connection failed.
+        """
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -74,37 +56,36 @@ class PubSubLink(Links):
     """One connection to one Redis: SUBSCRIBE for the control channel and every topic."""
 
     def __init__(self, url: str) -> None:
-        self._client = Redis.from_url(
-            url,
-            socket_connect_timeout=_CONNECT_TIMEOUT,
-            retry=Retry(NoBackoff(), 0),
-            health_check_interval=0,
-        )
-        self._pubsub = self._client.pubsub()
+        self._endpoint = endpoint_from_url(url)
+        self._connection: RespConnection | None = None
 
     async def open(self, control: bytes) -> None:
-        """PING (fails fast when Redis is down), then SUBSCRIBE the control channel."""
-        await self._client.ping()
-        await self._pubsub.subscribe(control)
+        """Connect (PING fails fast when Redis is down), then SUBSCRIBE the control channel."""
+        async with asyncio.timeout(_CONNECT_TIMEOUT):
+            self._connection = await connect(self._endpoint)
+        self._connection.send("SUBSCRIBE", control)
 
     async def subscribe(self, tags: list[bytes]) -> None:
         """One SUBSCRIBE for all of them."""
-        await self._pubsub.subscribe(*tags)
+        self._opened().send("SUBSCRIBE", *tags)
 
     async def unsubscribe(self, tag: bytes) -> None:
         """UNSUBSCRIBE."""
-        await self._pubsub.unsubscribe(tag)
+        self._opened().send("UNSUBSCRIBE", tag)
 
-    async def get(self) -> dict[str, Any]:
+    async def get(self) -> list[Any]:
         """Read the connection."""
-        while True:
-            raw = await self._pubsub.get_message(timeout=None)
-            if raw is not None:
-                return raw  # type: ignore[no-any-return,unused-ignore]
+        return await self._opened().inbox.take()
 
     async def close(self) -> None:
         """Close the connection."""
-        await _close(self._pubsub, self._client)
+        if self._connection is not None:
+            self._connection.close()
+
+    def _opened(self) -> RespConnection:
+        if self._connection is None:
+            raise ConnectionError("the pub/sub link is not open")
+        return self._connection
 
 
 class ShardLinks(Links):
@@ -113,15 +94,14 @@ class ShardLinks(Links):
     Topics are SSUBSCRIBEd on the master that owns their slot, as the cluster
     client last saw the slot map (refreshed when the links open). The control
     channel is a classic channel, which the cluster bus carries to every node,
-    so it is SUBSCRIBEd on one master. A reader task per connection feeds one
-    queue; the first failure of any of them is raised from `get`.
+    so it is SUBSCRIBEd on one master. Every connection delivers into one inbox;
+    the first failure of any of them is raised from `get`.
     """
 
     def __init__(self, cluster: RedisCluster) -> None:
         self._cluster = cluster
-        self._nodes: dict[str, tuple[Redis, PubSub]] = {}
-        self._readers: list[asyncio.Task[None]] = []
-        self._queue: asyncio.Queue[dict[str, Any] | BaseException] = asyncio.Queue()
+        self._nodes: dict[tuple[str, int], RespConnection] = {}
+        self._inbox = Inbox()
         self._lock = asyncio.Lock()
 
     async def open(self, control: bytes) -> None:
@@ -132,7 +112,8 @@ class ShardLinks(Links):
         primaries = self._cluster.get_primaries()
         if not primaries:
             raise ConnectionError("the cluster has no master")
-        await self._send(primaries[0].host, int(primaries[0].port), "subscribe", [control])
+        connection = await self._connection(primaries[0].host, int(primaries[0].port))
+        connection.send("SUBSCRIBE", control)
 
     async def subscribe(self, tags: list[bytes]) -> None:
         """SSUBSCRIBE each tag on the master owning its slot (one command per master)."""
@@ -143,65 +124,41 @@ class ShardLinks(Links):
                 raise ConnectionError("a slot has no master")
             by_node.setdefault((node.host, int(node.port)), []).append(tag)
         for (host, port), group in by_node.items():
-            await self._send(host, port, "ssubscribe", group)
+            connection = await self._connection(host, port)
+            connection.send("SSUBSCRIBE", *group)
 
     async def unsubscribe(self, tag: bytes) -> None:
         """SUNSUBSCRIBE on the master it was subscribed on (the current owner of its slot)."""
         node = self._cluster.get_node_from_key(tag.decode())
-        linked = self._nodes.get(node.name) if node is not None else None
-        if linked is not None:
-            await linked[1].sunsubscribe(tag)
+        connection = self._nodes.get((node.host, int(node.port))) if node is not None else None
+        if connection is not None:
+            connection.send("SUNSUBSCRIBE", tag)
 
-    async def get(self) -> dict[str, Any]:
-        """The next event any reader queued."""
-        raw = await self._queue.get()
-        if isinstance(raw, BaseException):
-            raise raw
-        return raw
+    async def get(self) -> list[Any]:
+        """Whatever any connection delivered."""
+        return await self._inbox.take()
 
     async def close(self) -> None:
-        """Stop the readers, close every connection."""
-        for reader in self._readers:
-            reader.cancel()
-        if self._readers:
-            await asyncio.wait(self._readers, timeout=_CONNECT_TIMEOUT)
+        """Close every connection."""
         nodes, self._nodes = self._nodes, {}
-        for client, pubsub in nodes.values():
-            await _close(pubsub, client)
+        for connection in nodes.values():
+            connection.close()
 
-    async def _send(self, host: str, port: int, command: str, channels: list[bytes]) -> None:
+    async def _connection(self, host: str, port: int) -> RespConnection:
         # Under a lock: two topics of one new master must not open two connections.
         async with self._lock:
-            name = f"{host}:{port}"
-            linked = self._nodes.get(name)
-            if linked is None:
+            connection = self._nodes.get((host, port))
+            if connection is None:
                 settings = self._cluster.nodes_manager.connection_kwargs
-                client = _client(
-                    host=host,
-                    port=port,
+                endpoint = Endpoint(
+                    host,
+                    port,
                     username=settings.get("username"),
                     password=settings.get("password"),
                 )
-                pubsub = client.pubsub()
-                try:
-                    await client.ping()
-                    await getattr(pubsub, command)(*channels)
-                except BaseException:
-                    await _close(pubsub, client)
-                    raise
-                # Started once the connection exists: reading needs one.
-                self._nodes[name] = (client, pubsub)
-                self._readers.append(asyncio.create_task(self._read(pubsub)))
-            else:
-                await getattr(linked[1], command)(*channels)
-
-    async def _read(self, pubsub: PubSub) -> None:
-        try:
-            while True:
-                raw = await pubsub.get_message(timeout=None)
-                if raw is not None:
-                    self._queue.put_nowait(raw)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # whatever broke the link, the engine rebuilds the links
-            self._queue.put_nowait(exc)
+                # Logged in on a private inbox first, so its PONG is not taken for an event.
+                async with asyncio.timeout(_CONNECT_TIMEOUT):
+                    connection = await connect(endpoint)
+                self._inbox.attach(connection)
+                self._nodes[(host, port)] = connection
+            return connection
