@@ -6,6 +6,8 @@ The engine contract (tests/contract) covers the behaviour both engines share.
 from __future__ import annotations
 
 import asyncio
+import signal
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -94,6 +96,42 @@ async def test_publish_while_redis_is_down_is_unavailable(
     await wait_until(ready)
     stored = await engine.publish(channel, _draft(channel.topic(), "kept"))
     assert [m.id for m in await engine.history(channel.topic())] == [stored.id]
+
+
+async def test_publishes_go_to_the_database_the_url_names(fresh_redis: RedisProcess) -> None:
+    engine = RedisEngine(f"redis://127.0.0.1:{fresh_redis.port}/3")
+    await engine.start(lambda message: None)
+    try:
+        channel = Channel(app="a", name="c")
+        stored = await engine.publish(channel, _draft(channel.topic(), "in db 3"))
+        assert [m.id for m in await engine.history(channel.topic())] == [stored.id]
+    finally:
+        await engine.close()
+    assert (await fresh_redis.cli("-n", "3", "XLEN", "herald:{a|c|}:s")).strip() == "1"
+    assert (await fresh_redis.cli("-n", "0", "DBSIZE")).strip() == "0"
+
+
+async def test_a_redis_that_hangs_makes_publishes_unavailable_not_stuck(
+    engine: RedisEngine, fresh_redis: RedisProcess
+) -> None:
+    channel = Channel(app="a", name="c")
+    first = await engine.publish(channel, _draft(channel.topic(), "before"))
+    assert fresh_redis.proc is not None
+    fresh_redis.proc.send_signal(signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        with pytest.raises(Unavailable):
+            await engine.publish(channel, _draft(channel.topic(), "while hung"))
+        assert time.monotonic() - started < 8
+    finally:
+        fresh_redis.proc.send_signal(signal.SIGCONT)
+    # The pipeline's connection was dropped (its replies could be mistaken for the next
+    # one's): the next publish opens a new one. The one that timed out may or may not
+    # have been stored (it was sent), as with any client of a server that stops answering.
+    last = await engine.publish(channel, _draft(channel.topic(), "after"))
+    history = await engine.history(channel.topic())
+    assert [history[0].id, history[-1].id] == [first.id, last.id]
+    assert [m.payload for m in history] in (["before", "after"], ["before", "while hung", "after"])
 
 
 async def test_address_of_a_half_written_device_is_free(engine: RedisEngine) -> None:

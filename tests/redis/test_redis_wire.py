@@ -34,6 +34,9 @@ def test_endpoints_from_urls() -> None:
         "p@ss",
     )
     assert endpoint_from_url("redis://:secret@h").username is None
+    assert plain.db == 3
+    assert endpoint_from_url("redis://h?db=5").db == 5
+    assert endpoint_from_url("redis://h/").db == 0
     tls = endpoint_from_url("rediss://h:6380")
     assert tls.tls is not None
     assert tls.tls.verify_mode == ssl.CERT_REQUIRED

@@ -32,10 +32,11 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
 from herald.engines.base import ControlHandler, Engine, MessageHandler, decide_recovery
-from herald.engines.redis_batch import PublishBatcher, Submission
+from herald.engines.redis_batch import PublishBatcher, Submission, WirePublishBatcher
 from herald.engines.redis_devices import RedisDevices
 from herald.engines.redis_links import Links, PubSubLink
 from herald.engines.redis_records import RedisRecords
+from herald.engines.redis_wire import endpoint_from_url
 from herald.errors import Unavailable
 from herald.models import (
     Channel,
@@ -182,7 +183,9 @@ class RedisEngine(RedisRecords, RedisDevices, Engine):
             socket_timeout=5,
         )
         self.redis: Redis = Redis(connection_pool=pool)
-        self._batcher = PublishBatcher(self.redis, _PUBLISH)
+        self._batcher: PublishBatcher = WirePublishBatcher(
+            self.redis, _PUBLISH, endpoint_from_url(url)
+        )
         self._setup()
 
     def _setup(self) -> None:
@@ -231,6 +234,7 @@ class RedisEngine(RedisRecords, RedisDevices, Engine):
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(_CLOSE_TIMEOUT):
                 await self._drop_pubsub()
+                await self._batcher.close()
                 await self.redis.aclose()
 
     async def ping(self) -> None:

@@ -15,16 +15,19 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import hiredis
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
 
+from herald.engines.redis_wire import Endpoint, RespConnection, connect
 from herald.errors import Unavailable
 
-__all__ = ["PublishBatcher", "Submission"]
+__all__ = ["PublishBatcher", "Submission", "WirePublishBatcher"]
 
 _MAX_BATCH = 5000  # publishes per pipeline
 _MAX_GROUP = 1000  # messages per script call
+_TIMEOUT = 5.0  # seconds a pipeline may take, connecting included
 
 
 @dataclass(slots=True)
@@ -120,31 +123,83 @@ class PublishBatcher:
             for submission, raw in zip(group, ids, strict=True):
                 submission.id = raw.decode()
 
+    def _commands(
+        self, groups: list[list[Submission]], counts: Counter[tuple[str, str]], sha: str
+    ) -> list[tuple[Any, ...]]:
+        """One EVALSHA per group, then one HINCRBY per channel."""
+        epoch = secrets.token_hex(4)  # for topics that have none yet
+        commands: list[tuple[Any, ...]] = [
+            ("EVALSHA", sha, 2, *group[0].keys, epoch, *group[0].settings, *(s.body for s in group))
+            for group in groups
+        ]
+        # Counts are advisory (channel `counts.messages`).
+        commands += [("HINCRBY", key, name, count) for (key, name), count in counts.items()]
+        return commands
+
     def _after_scripts(self, pipe: Any, groups: list[list[Submission]]) -> None:
         """Queue commands that must follow the scripts on their connections (none here)."""
 
     async def _pipeline(
         self, groups: list[list[Submission]], counts: Counter[tuple[str, str]], sha: str
     ) -> list[Any]:
+        """The scripts' results, in order, errors as values (the HINCRBYs' are dropped)."""
         async with self._redis.pipeline(transaction=False) as pipe:
-            for group in groups:
-                first = group[0]
+            for command in self._commands(groups, counts, sha):
                 # The generic form: the cluster pipeline blocks its evalsha() method, but
                 # routes EVALSHA by its keys just fine (all of one topic's slot).
-                pipe.execute_command(
-                    "EVALSHA",
-                    sha,
-                    2,
-                    *first.keys,
-                    secrets.token_hex(4),  # epoch, if the topic has none yet
-                    *first.settings,
-                    *(s.body for s in group),
-                )
-            # Counts are advisory (channel `counts.messages`): one HINCRBY per channel.
-            for (key, name), count in counts.items():
-                pipe.hincrby(key, name, count)
+                pipe.execute_command(*command)
             self._after_scripts(pipe, groups)
             # Errors come back as results: a script missing on one server must not hide
             # which groups did run.
             results: list[Any] = await pipe.execute(raise_on_error=False)
         return results[: len(groups)]
+
+    async def close(self) -> None:
+        """Release what the batcher holds of its own (nothing here)."""
+
+
+class WirePublishBatcher(PublishBatcher):
+    """One Redis: each pipeline is one write on a connection of the batcher's own.
+
+    hiredis packs the commands and parses the replies (`RespConnection.call`);
+    through redis-py both cost more than running the publish script in Redis.
+    The connection is opened when needed and dropped after any failure, since
+    replies of a pipeline cut short could otherwise be read as the next one's.
+    """
+
+    def __init__(self, redis: Redis, script: str, endpoint: Endpoint) -> None:
+        super().__init__(redis, script)
+        self._endpoint = endpoint
+        self._connection: RespConnection | None = None
+
+    async def _pipeline(
+        self, groups: list[list[Submission]], counts: Counter[tuple[str, str]], sha: str
+    ) -> list[Any]:
+        """Run the commands on the batcher's connection; error replies as redis-py errors."""
+        commands = self._commands(groups, counts, sha)
+        try:
+            async with asyncio.timeout(_TIMEOUT):
+                if self._connection is None or self._connection.closed:
+                    self._connection = await connect(self._endpoint)
+                replies = await self._connection.call(commands)
+        except BaseException:
+            await self.close()
+            raise
+        return [
+            _error(reply) if isinstance(reply, hiredis.ReplyError) else reply
+            for reply in replies[: len(groups)]
+        ]
+
+    async def close(self) -> None:
+        """Close the batcher's connection."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()
+
+
+def _error(reply: hiredis.ReplyError) -> ResponseError:
+    # The error classes the batcher (and redis-py users) know: NOSCRIPT means reload.
+    message = str(reply)
+    if message.startswith("NOSCRIPT"):
+        return NoScriptError(message)
+    return ResponseError(message)

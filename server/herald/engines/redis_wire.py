@@ -6,9 +6,14 @@ call, a timeout scope and a dict; here `data_received` parses everything a
 read brought in one loop of ``hiredis.Reader.gets`` and the engine takes the
 whole batch at once. Commands are packed with ``hiredis.pack_command``.
 
-Only what pub/sub needs is here: connect (TCP, TLS or a Unix socket), AUTH,
-PING, and sending (S)SUBSCRIBE/(S)UNSUBSCRIBE; replies are RESP2 lists such as
-``[b"message", channel, data]``.
+The publish pipeline of the single-Redis engine runs on one such connection
+too (`RespConnection.call`): its commands go out in one write and their
+replies come back parsed in bulk, where redis-py spends more per command than
+the publish script costs Redis.
+
+Only what these two need is here: connect (TCP, TLS or a Unix socket), AUTH,
+SELECT, PING, writing commands and reading RESP2 replies, such as
+``[b"message", channel, data]`` on a pub/sub connection.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ _HIGH_WATER = 50_000
 class Endpoint:
     """Where a Redis listens and how to log in."""
 
-    __slots__ = ("host", "password", "path", "port", "tls", "username")
+    __slots__ = ("db", "host", "password", "path", "port", "tls", "username")
 
     def __init__(
         self,
@@ -42,6 +47,7 @@ class Endpoint:
         password: str | None = None,
         tls: ssl.SSLContext | None = None,
         path: str | None = None,
+        db: int = 0,
     ) -> None:
         self.host = host
         self.port = port
@@ -49,26 +55,31 @@ class Endpoint:
         self.password = password
         self.tls = tls
         self.path = path
+        self.db = db
 
 
 def endpoint_from_url(url: str) -> Endpoint:
     """``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` (TLS) or ``unix://path``.
 
-    The database number does not matter to pub/sub (channels are server-wide).
-    ``rediss://...?ssl_cert_reqs=none`` skips certificate checks, as redis-py's URLs do.
+    As in redis-py's URLs, ``?db=N`` also names the database and
+    ``rediss://...?ssl_cert_reqs=none`` skips certificate checks.
     """
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ("redis", "rediss", "unix"):
         raise ValueError(f"not a Redis URL: {url!r}")
+    query = {name: values[0] for name, values in parse_qs(parts.query).items()}
     username = unquote(parts.username) if parts.username else None
     password = unquote(parts.password) if parts.password else None
+    path = unquote(parts.path)
     if scheme == "unix":
-        return Endpoint(path=unquote(parts.path), username=username, password=password)
+        db = int(query.get("db", 0))
+        return Endpoint(path=path, username=username, password=password, db=db)
+    db = int(query.get("db") or path.strip("/") or 0)
     tls = None
     if scheme == "rediss":
         tls = ssl.create_default_context()
-        if parse_qs(parts.query).get("ssl_cert_reqs", [""])[0].lower() in ("none", "optional"):
+        if query.get("ssl_cert_reqs", "").lower() in ("none", "optional"):
             tls.check_hostname = False
             tls.verify_mode = ssl.CERT_NONE
     return Endpoint(
@@ -77,6 +88,7 @@ def endpoint_from_url(url: str) -> Endpoint:
         username=username,
         password=password,
         tls=tls,
+        db=db,
     )
 
 
@@ -119,8 +131,12 @@ class Inbox:
             self._failure = exc
         self._wake()
 
-    async def take(self) -> list[Any]:
-        """Every reply received so far (waits for at least one); raises once one failed."""
+    async def take(self, *, errors: bool = False) -> list[Any]:
+        """Every reply received so far (waits for at least one); raises once one failed.
+
+        An error reply fails the connection too, unless ``errors`` is true: then
+        it comes back as a `hiredis.ReplyError` in its place.
+        """
         while not self._replies:
             if self._failure is not None:
                 raise self._failure
@@ -134,7 +150,7 @@ class Inbox:
             self._paused = False
             for connection in self._connections:
                 connection.resume()
-        for reply in replies:
+        for reply in () if errors else replies:
             if isinstance(reply, Exception):
                 # A refused AUTH or (S)SUBSCRIBE: the link is not what the engine thinks.
                 self._failure = ConnectionError(f"Redis answered with an error: {reply}")
@@ -189,6 +205,26 @@ class RespConnection(asyncio.Protocol):
         # hiredis's stub types the argument as a 1-tuple; any tuple of these works.
         self._transport.write(hiredis.pack_command(args))  # type: ignore[arg-type,unused-ignore]
 
+    async def call(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """Send ``commands`` in one write; their replies in order, error replies as values.
+
+        One call at a time on a connection. If it fails or is cancelled half-way,
+        replies may still be on their way: close the connection.
+        """
+        if self._transport is None or self._closed:
+            raise ConnectionError("the connection to Redis is closed")
+        pack = hiredis.pack_command
+        self._transport.write(b"".join([pack(command) for command in commands]))
+        replies: list[Any] = []
+        while len(replies) < len(commands):
+            replies += await self.inbox.take(errors=True)
+        return replies
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is gone (closed here or lost)."""
+        return self._closed
+
     def pause(self) -> None:
         """Stop reading the socket."""
         if self._transport is not None and not self._closed:
@@ -223,9 +259,12 @@ async def connect(endpoint: Endpoint) -> RespConnection:
     try:
         expected = 1
         if endpoint.password is not None:
-            expected = 2
+            expected += 1
             login = (endpoint.username, endpoint.password) if endpoint.username else ()
             connection.send("AUTH", *(login or (endpoint.password,)))
+        if endpoint.db:
+            expected += 1
+            connection.send("SELECT", endpoint.db)
         connection.send("PING")
         replies: list[Any] = []
         while len(replies) < expected:
