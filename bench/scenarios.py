@@ -283,8 +283,14 @@ async def _feeder(
     return WsFeeder(client, names), notes
 
 
-async def fanout(session: Session, spec: FanoutSpec, plan: Plan) -> dict[str, Any]:
-    """S1/S2 against one session: set up, warm up, find the max, measure latency at half."""
+async def fanout(
+    session: Session, spec: FanoutSpec, plan: Plan, compare_rate: float | None = None
+) -> dict[str, Any]:
+    """S1/S2 against one session: set up, warm up, find the max, measure latency at half.
+
+    With ``compare_rate`` (publishes/s: the raw reference's half step), a Herald
+    target also gets a paced step at that rate, for latency at equal load.
+    """
     names = [f"bench-{i:05d}" for i in range(spec.channels)]
     if session.target.herald:
         await session.create_channels(names)
@@ -363,6 +369,10 @@ async def fanout(session: Session, spec: FanoutSpec, plan: Plan) -> dict[str, An
         if profile is not None:
             setup["profile"] = await _finish_profile(*profile)
         basis = accepted or steps[-1]
+        half_rate = 0.5 * basis["deliveries_per_s"] / spec.per_channel
+        at_ref = None
+        if compare_rate is not None and session.target.herald:
+            at_ref = await step("at-ref", plan.seconds, compare_rate)
     finally:
         gc.unfreeze()
         for client in clients:
@@ -377,6 +387,8 @@ async def fanout(session: Session, spec: FanoutSpec, plan: Plan) -> dict[str, An
         "steps": steps,
         "accepted": None if accepted is None else steps.index(accepted),
         "half": half,
+        "half_rate": half_rate,
+        "at_reference_rate": at_ref,
         "subscriber_closes": dict(totals.closes),
         "client_errors": totals.error_count - connect_errors,
         "client_error_examples": list(totals.errors),
@@ -387,6 +399,7 @@ async def fanout(session: Session, spec: FanoutSpec, plan: Plan) -> dict[str, An
             **_cpu(basis),
             "p50_ms": half["latency"]["p50_ms"],
             "p99_ms": half["latency"]["p99_ms"],
+            "p99_at_ref_ms": None if at_ref is None else at_ref["latency"]["p99_ms"],
             "passed": accepted is not None,
             "feed": setup["feed"],
             "notes": notes + _retry_note(connected),
