@@ -167,7 +167,11 @@ async def test_pubsub_reconnect_replays_what_the_link_missed(
                 await asyncio.sleep(0.05)
                 await fresh_redis.cli("CLIENT", "KILL", "TYPE", "pubsub")
             ids = await publishing
-            assert await client.message_ids(150, timeout=20) == ids
+            try:
+                received = await client.message_ids(150, timeout=20)
+            except TimeoutError:
+                pytest.fail(f"not all 150 arrived; the server's log:\n{server.log()[-6000:]}")
+            assert received == ids
             await client.assert_idle()
         assert "pub/sub link to Redis lost" in server.log()
     finally:
