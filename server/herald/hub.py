@@ -11,6 +11,7 @@ past its limit is closed as slow by its transport, never waited for.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Collection
 from typing import Protocol
@@ -21,6 +22,8 @@ from herald.models import Device, Message, Topic, offset_key
 from herald.protocol import Encoding, encode, message_frame, ws_frame
 
 __all__ = ["Hub", "Subscriber"]
+
+logger = logging.getLogger("herald.hub")
 
 
 class Subscriber(Protocol):
@@ -242,7 +245,12 @@ class Hub:
         started = loop.time()
         dirty, self._dirty = self._dirty, {}
         for subscriber in dirty:
-            subscriber.flush()
+            try:
+                subscriber.flush()
+            except Exception:
+                # The others must still be written: a subscriber left out would wait for
+                # good, since it counts as scheduled until its flush runs.
+                logger.exception("flushing a connection failed")
         if self._delivered:
             DELIVERED.inc(self._delivered)
             self._delivered = 0

@@ -384,6 +384,8 @@ class Connection(asyncio.Protocol):
             return
         out, self._out = self._out, []
         transport = self.transport
+        if transport.is_closing():
+            return  # the peer is gone; writing would raise
         if transport.get_write_buffer_size() > self._limit:
             # It is not reading: what we wrote before is still here, unsent. Drop the
             # new frames rather than let the backlog grow; it can reconnect with

@@ -6,6 +6,7 @@ import asyncio
 
 import msgpack
 import orjson
+import pytest
 
 from herald.hub import Hub
 from herald.models import Device, Message, Topic
@@ -273,6 +274,26 @@ async def test_schedule_flush_flushes_once_per_loop_iteration() -> None:
     hub.schedule_flush(busy)
     await asyncio.sleep(0)
     assert (busy.flushes, quiet.flushes) == (2, 1)
+
+
+class Broken(Recorder):
+    """A subscriber whose flush raises, as a write on a socket torn down under it can."""
+
+    def flush(self) -> None:
+        super().flush()
+        raise RuntimeError("unable to perform operation on a closed transport")
+
+
+async def test_a_failing_flush_does_not_hold_up_the_others(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    hub = Hub()
+    broken, fine = Broken(Encoding.JSON), Recorder(Encoding.JSON)
+    hub.schedule_flush(broken)
+    hub.schedule_flush(fine)
+    await asyncio.sleep(0)
+    assert (broken.flushes, fine.flushes) == (1, 1)
+    assert "flushing a connection failed" in caplog.text
 
 
 def _ids(subscriber: Recorder) -> list[int]:
