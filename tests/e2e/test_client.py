@@ -379,6 +379,24 @@ async def test_http_api_calls_and_their_errors(server: ServerProcess, channel_na
         assert unauthorized.value.status == 401
 
 
+async def test_tag_changes_answer_the_tags_and_the_groups_not_applied(
+    server: ServerProcess,
+) -> None:
+    async with http_api(server) as api:
+        device = await api.register_device(f"addr-{secrets.token_hex(6)}", "toy")
+        tags, warnings = await api.change_tags(
+            device["device_id"], add={"color": ["red", "blue"], "herald_mine": ["x"]}
+        )
+        assert sorted(tags["color"]) == ["blue", "red"]
+        assert "herald_mine" not in tags
+        assert [warning["path"] for warning in warnings] == ["add.herald_mine"]
+        tags, warnings = await api.change_tags(device["device_id"], set={"color": ["green"]})
+        assert tags["color"] == ["green"]
+        assert warnings == []
+        stored = await api.get_device(device["device_id"])
+        assert stored["tags"]["color"] == ["green"]
+
+
 async def test_device_answers_commands_and_gets_its_persistent_channels(
     server: ServerProcess, channel_name: str
 ) -> None:

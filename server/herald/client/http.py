@@ -87,8 +87,8 @@ class HttpApi:
         headers: Mapping[str, str] | None = None,
     ) -> Any:
         """Any call: ``path`` from the root (``/v1/...``); the answer's ``data``."""
-        data, _ = await self._call(method, path, body=body, params=params, headers=headers)
-        return data
+        answer = await self._call(method, path, body=body, params=params, headers=headers)
+        return answer.get("data")
 
     async def _call(
         self,
@@ -98,7 +98,8 @@ class HttpApi:
         body: Any = None,
         params: Mapping[str, str | int] | None = None,
         headers: Mapping[str, str] | None = None,
-    ) -> tuple[Any, dict[str, Any]]:
+    ) -> dict[str, Any]:
+        # The whole answer: `data`, `meta`, and `warnings` where an endpoint has them.
         response = await self._http.request(
             method,
             self.base_url + path,
@@ -114,7 +115,7 @@ class HttpApi:
             raise _error(response, answer)
         if not isinstance(answer, dict):
             raise HeraldHTTPError(response.status_code, "bad_response", "not a Herald answer")
-        return answer.get("data"), answer.get("meta") or {}
+        return answer
 
     # Publishing
 
@@ -208,8 +209,8 @@ class HttpApi:
         params: dict[str, str | int] = _without_none(cursor=cursor, limit=limit, type=type)
         if include_inactive:
             params["include_inactive"] = 1
-        data, meta = await self._call("GET", "/v1/channels", params=params)
-        return ChannelPage(data, meta.get("next"))
+        answer = await self._call("GET", "/v1/channels", params=params)
+        return ChannelPage(answer.get("data") or [], (answer.get("meta") or {}).get("next"))
 
     async def close_channel(self, name: str) -> dict[str, Any]:
         """Close a channel for good; the closed channel."""
@@ -229,6 +230,22 @@ class HttpApi:
         """One device (never its key)."""
         data: dict[str, Any] = await self.request("GET", f"/v1/devices/{_segment(device_id)}")
         return data
+
+    async def change_tags(
+        self,
+        device_id: str,
+        *,
+        add: Mapping[str, Sequence[str]] | None = None,
+        remove: Mapping[str, Sequence[str]] | None = None,
+        set: Mapping[str, Sequence[str]] | None = None,
+    ) -> tuple[dict[str, list[str]], list[dict[str, str]]]:
+        """Change a device's tag groups (``add`` and ``remove``, or ``set``): its tags
+        afterwards, and the warnings naming the groups that were not applied."""
+        body: dict[str, Any] = {"audience": {"device_id": device_id}}
+        body.update(_without_none(add=add, remove=remove, set=set))
+        answer = await self._call("POST", "/v1/devices/tags", body=body)
+        data = answer.get("data") or {}
+        return data.get("tags", {}), list(answer.get("warnings") or [])
 
     async def add_subscriber(
         self,
