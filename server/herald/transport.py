@@ -17,6 +17,7 @@ from collections import deque
 from functools import partial
 from typing import Any, cast
 
+from websockets.datastructures import Headers
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
@@ -171,6 +172,10 @@ class Connection(asyncio.Protocol):
         else:
             response = self.ws.accept(request)
         self.ws.send_response(response)
+        # websockets' parser keeps the handshake request in a generator's local for as long
+        # as the connection lives; its headers (some 20 objects the garbage collector walks
+        # again and again) are not needed once answered.
+        request.headers = Headers()
         if response.status_code != 101:
             return
         self.encoding = Encoding(self.ws.subprotocol or Encoding.JSON.value)
