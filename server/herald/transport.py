@@ -46,6 +46,10 @@ from herald.protocol import (
 
 __all__ = ["CONNECT_PATH", "Connection", "keepalive"]
 
+# What handshake requests keep once answered (see `Connection._on_handshake`); never
+# written to, so one is enough for every connection.
+_NO_HEADERS = Headers()
+
 logger = logging.getLogger("herald.transport")
 # The websockets protocol logs every connection's open and close at INFO: at tens
 # of thousands of sockets that is noise, so its logger starts at WARNING.
@@ -175,7 +179,7 @@ class Connection(asyncio.Protocol):
         # websockets' parser keeps the handshake request in a generator's local for as long
         # as the connection lives; its headers (some 20 objects the garbage collector walks
         # again and again) are not needed once answered.
-        request.headers = Headers()
+        request.headers = _NO_HEADERS
         if response.status_code != 101:
             return
         self.encoding = Encoding(self.ws.subprotocol or Encoding.JSON.value)
