@@ -107,7 +107,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="PY_SPY",
         nargs="?",
         const="py-spy",
-        help="record the server with py-spy during each max step (bench/results/profile-*.txt)",
+        help="record the server with py-spy in each max step and S4 run (bench/results/profile-*)",
     )
     args = parser.parse_args(argv)
     if args.seconds is None:

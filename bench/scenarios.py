@@ -364,7 +364,7 @@ async def fanout(
         warmup = await step("warm-up", WARMUP_SECONDS, None)
         if warmup["received_after_drain"] == 0:
             raise RuntimeError(f"nothing delivered in the warm-up: {totals.errors[:3]}")
-        profile = await _start_profile(session, spec, plan)
+        profile = await _start_profile(session, spec.label, plan)
         steps, accepted, half = await find_max(step, plan.seconds, plan.retries, spec.per_channel)
         if profile is not None:
             setup["profile"] = await _finish_profile(*profile)
@@ -408,12 +408,12 @@ async def fanout(
 
 
 async def _start_profile(
-    session: Session, spec: FanoutSpec, plan: Plan
+    session: Session, label: str, plan: Plan
 ) -> tuple[asyncio.subprocess.Process, Path] | None:
-    """Start py-spy on the server for the max step, if asked to (it costs CPU 1 a little)."""
+    """Start py-spy on the server for one step, if asked to (it costs CPU 1 a little)."""
     if plan.profiler is None:
         return None
-    path = RESULTS / f"profile-{session.target.name}-{spec.label.replace(' ', '-')}.txt"
+    path = RESULTS / f"profile-{session.target.name}-{label.replace(' ', '-')}.txt"
     command = [plan.profiler, "record", "--pid", str(session.server.pid), "--format", "raw"]
     command += ["--duration", str(max(1, int(plan.seconds))), "--rate", "250"]
     command += ["--nonblocking", "-o", str(path)]
@@ -534,9 +534,12 @@ async def http_publish(session: Session, plan: Plan) -> dict[str, Any]:
         await loop.start()
         try:
             await asyncio.sleep(WARMUP_SECONDS)
+            profile = await _start_profile(session, f"S4 {name}", plan)
             before, responses, items = session.mark(), loop.responses, loop.items
             await asyncio.sleep(plan.seconds)
             after, responses, items = session.mark(), loop.responses - responses, loop.items - items
+            if profile is not None:
+                results[f"profile_{name}"] = await _finish_profile(*profile)
         finally:
             await loop.stop()
         cpu = usage(before, after)
