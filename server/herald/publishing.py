@@ -39,6 +39,10 @@ __all__ = ["Publisher"]
 _ITEM_FIELDS = {"channel", "payload", "room", "metadata", "audience"}
 _IDEMPOTENCY_TTL = 600  # seconds a retry with the same Idempotency-Key gets the first answer
 _PENDING = b"\x00pending"
+# Seconds the in-flight marker outlives a worker that died holding it (a live one
+# replaces or forgets it within a publish's time; the Redis pipeline gives up after 5 s).
+# Longer would refuse every retry of that key for as long.
+PENDING_TTL = 15
 
 
 def _parse_item(item: Any) -> tuple[str, Any, object, object, object]:
@@ -206,7 +210,7 @@ class Publisher:
                 "Idempotency-Key must be 1-255 printable characters", path="Idempotency-Key"
             )
         key = f"idem|{principal.app}|{principal.kind}|{principal.id}|{idempotency_key}"
-        held = await self.engine.put_if_absent(key, _PENDING, _IDEMPOTENCY_TTL)
+        held = await self.engine.put_if_absent(key, _PENDING, PENDING_TTL)
         if held == _PENDING:
             raise Conflict("a request with this Idempotency-Key is still in progress")
         if held is not None:
