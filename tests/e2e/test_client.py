@@ -661,8 +661,15 @@ async def test_worker_killed_under_the_client_loses_and_repeats_nothing(
             await asyncio.sleep(0.3)
         finally:
             acked = await publisher.stop()
-        stored = [m.id for m in await api.history(channel_name, limit=1000)]
-        assert acked == stored
+        history = await api.history(channel_name, limit=1000)
+        stored = [m.id for m in history]
+        # Every acknowledged publish is stored once. The one exception the README
+        # states: the kill landed after a publish was stored but before its answer was
+        # recorded, and the retry stored it again (same payload, one more id).
+        extra = [m for m in history if m.id not in set(acked)]
+        assert [m.id for m in history if m.id in set(acked)] == acked
+        assert len(extra) <= 1
+        assert all(m.payload in [h.payload for h in history if h.id in acked] for m in extra)
         await follower.until(len(stored))
         await c.ping()
         await follower.stop()
