@@ -40,6 +40,7 @@ async def test_a_request_cut_short_holds_its_key_for_seconds_not_minutes(
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 
+    # The publish never ends, as for a worker killed mid-request: the marker stays.
     monkeypatch.setattr(publisher, "publish_item", never_returns)
     principal = Principal(app="a", kind="key", id="k1")
     request = asyncio.create_task(publisher.publish_once(principal, {"channel": "c"}, "retry-1"))
@@ -55,6 +56,7 @@ async def test_a_request_cut_short_holds_its_key_for_seconds_not_minutes(
 async def test_a_retry_after_the_marker_expired_publishes(
     engine: RedisEngine, fresh_redis: RedisProcess, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # One second instead of 15, so the test need not wait for the real expiry.
     monkeypatch.setattr(publishing, "PENDING_TTL", 1)
     await engine.create_channel(Channel(app="a", name="c"))
     publisher = Publisher(Settings(), engine, ChannelCache(engine.get_channel), _no_touch)

@@ -89,6 +89,7 @@ async def test_one_read_hands_over_every_reply_it_brought(
 async def test_a_reader_that_falls_behind_stops_reading_instead_of_buffering(
     fresh_redis: RedisProcess, publisher: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A threshold a few thousand messages pass; the real one is 50,000 replies.
     monkeypatch.setattr(redis_wire, "_HIGH_WATER", 100)
     connection = await _subscribed(fresh_redis, b"t")
     inbox = connection.inbox

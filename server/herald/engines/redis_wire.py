@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from dataclasses import KW_ONLY, dataclass
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -33,29 +34,19 @@ __all__ = ["Endpoint", "Inbox", "RespConnection", "connect", "endpoint_from_url"
 _HIGH_WATER = 50_000
 
 
+@dataclass(slots=True)
 class Endpoint:
     """Where a Redis listens and how to log in."""
 
-    __slots__ = ("db", "host", "password", "path", "port", "tls", "username")
-
-    def __init__(
-        self,
-        host: str = "127.0.0.1",
-        port: int = 6379,
-        *,
-        username: str | None = None,
-        password: str | None = None,
-        tls: ssl.SSLContext | None = None,
-        path: str | None = None,
-        db: int = 0,
-    ) -> None:
-        self.host = host
-        self.port = port
-        self.username = username
-        self.password = password
-        self.tls = tls
-        self.path = path
-        self.db = db
+    host: str = "127.0.0.1"
+    port: int = 6379
+    _: KW_ONLY
+    username: str | None = None
+    password: str | None = None
+    tls: ssl.SSLContext | None = None
+    path: str | None = None
+    """A Unix socket, instead of host and port."""
+    db: int = 0
 
 
 def endpoint_from_url(url: str) -> Endpoint:
