@@ -59,6 +59,13 @@ class ChannelCache:
             self._entries[key] = (time.monotonic() + self._ttl, channel)
         return channel
 
+    def peek(self, app: str, name: str) -> Channel | None:
+        """The fresh record, if this worker has one; never loads (and never awaits)."""
+        entry = self._entries.get((app, name))
+        if entry is not None and entry[0] > time.monotonic():
+            return entry[1]
+        return None
+
     def missing(self, app: str, names: set[str]) -> list[str]:
         """The names among ``names`` that have no fresh record here."""
         now = time.monotonic()

@@ -134,6 +134,8 @@ def payload_size(value: object, path: str) -> int:
     """The size of ``value`` as JSON; `BadRequest` if JSON cannot carry it (bytes, huge ints,
     nesting too deep)."""
     try:
+        if type(value) is str:
+            return len(orjson.dumps(value))  # nothing nested: no envelope needed
         # Measured inside the deepest envelope the value is sent in (a batch publish answer,
         # {"data": [{"data": {"payload": ...}}]}): orjson writes at most 254 levels, and a
         # value it accepts alone but not inside its message would be stored, then fail to be

@@ -109,7 +109,13 @@ class Publisher:
             )
 
     async def _publishable(self, principal: Principal, name: str) -> Channel:
-        channel = await self._channels.get(principal.app, name)
+        channel = self._channels.peek(principal.app, name)
+        if channel is None:
+            channel = await self._channels.get(principal.app, name)
+        return self._check_publishable(principal, name, channel)
+
+    @staticmethod
+    def _check_publishable(principal: Principal, name: str, channel: Channel | None) -> Channel:
         if channel is None:
             raise NotFound("Not found")
         if not can_publish(principal, channel):
@@ -132,16 +138,18 @@ class Publisher:
             raise PayloadTooLarge(
                 f"payload is larger than {self.settings.max_payload_bytes} bytes", path="payload"
             )
+        # Positional, in field order (id, app, channel, room, payload, author, created_at,
+        # metadata, audience): keywords cost more, and this runs for every message.
         return Message(
-            id="",
-            app=channel.app,
-            channel=channel.name,
-            room=room_name,
-            payload=payload,
-            author=principal.author,
-            created_at="",
-            metadata=parse_metadata(metadata, self.settings),
-            audience=None if audience is None else parse_audience(audience),
+            "",
+            channel.app,
+            channel.name,
+            room_name,
+            payload,
+            principal.author,
+            "",
+            None if metadata is None else parse_metadata(metadata, self.settings),
+            None if audience is None else parse_audience(audience),
         )
 
     async def publish_many(
@@ -167,13 +175,18 @@ class Publisher:
                 *(self._channels.get(principal.app, name) for name in cold),
                 return_exceptions=True,
             )
+        cache, app = self._channels, principal.app
         for item in items:
             try:
                 name, payload, room, metadata, audience = _parse_item(item)
                 channel = channels.get(name)
                 if channel is None:
+                    # Warmed above: a record that expired since then is read again.
                     try:
-                        channel = await self._publishable(principal, name)
+                        record = cache.peek(app, name)
+                        if record is None:
+                            record = await cache.get(app, name)
+                        channel = self._check_publishable(principal, name, record)
                     except HeraldError as exc:
                         channel = exc
                     channels[name] = channel

@@ -63,8 +63,8 @@ class _Stream:
             self.dropped = self.last
             self.expires_at = None
 
-    def next_id(self) -> tuple[int, int]:
-        ms = int(time.time() * 1000)
+    def next_id(self, ms: int) -> tuple[int, int]:
+        """The id after the last one, at ``ms`` (milliseconds since the epoch) or later."""
         last_ms, last_seq = self.last
         return (ms, 0) if ms > last_ms else (last_ms, last_seq + 1)
 
@@ -120,20 +120,29 @@ class MemoryEngine(Engine):
 
     async def publish(self, channel: Channel, message: Message) -> Message:
         """Append and deliver in one synchronous step: atomic by construction."""
-        return self._append(channel, message, now_rfc3339())
+        [stored] = await self.publish_many([(channel, message)])
+        return stored
 
     async def publish_many(self, items: list[tuple[Channel, Message]]) -> list[Message]:
         """`publish` each, with one timestamp for the batch; never awaits in between."""
         created_at = now_rfc3339()
-        return [self._append(channel, message, created_at) for channel, message in items]
+        # Read once per batch: ids stay ordered within a stream whatever the clock says.
+        ms, now = int(time.time() * 1000), time.monotonic()
+        return [self._append(channel, message, created_at, ms, now) for channel, message in items]
 
-    def _append(self, channel: Channel, message: Message, created_at: str) -> Message:
+    def _append(
+        self, channel: Channel, message: Message, created_at: str, ms: int, now: float
+    ) -> Message:
         """Fills in the message's id and created_at, stores it, hands it to the hub."""
         if self._on_message is None:
             raise Unavailable("engine is not started")
         topic = message.topic
-        stream = self._stream(topic)
-        key = stream.next_id()
+        stream = self._streams.get(topic)
+        if stream is None:
+            stream = self._streams[topic] = _Stream()
+        else:
+            stream.expire(now)
+        key = stream.next_id(ms)
         message.id = f"{key[0]}-{key[1]}"
         message.created_at = created_at
         stream.last = key
@@ -143,7 +152,7 @@ class MemoryEngine(Engine):
             stream.messages.popleft()
             stream.dropped = stream.keys.popleft()
         if channel.history_ttl:
-            stream.expires_at = time.monotonic() + channel.history_ttl
+            stream.expires_at = now + channel.history_ttl
         stored = self._channels.get((channel.app, channel.name))
         if stored is not None:
             stored.messages += 1

@@ -140,6 +140,9 @@ def _body(message: Message) -> bytes:
     return packed
 
 
+_PAIR = b"\x92"  # msgpack: an array of the two objects that follow
+
+
 def _message(message_id: str, body: bytes) -> Message:
     app, channel, room, payload, author, created_at, metadata, audience = msgpack.unpackb(
         body, raw=False
@@ -481,9 +484,10 @@ class RedisEngine(RedisRecords, RedisDevices, Engine):
                     return
                 self._on_control(event)
             return
-        unpacker = msgpack.Unpacker(raw=True)
-        unpacker.feed(data)
-        ids, bodies = unpacker.unpack(), unpacker.unpack()
+        # The script packs two objects back to back (ids, then bodies): behind an array
+        # header they are one, read in a single call. An Unpacker per message cost three
+        # times as much (it allocates its own buffer).
+        ids, bodies = msgpack.unpackb(_PAIR + data, raw=True)
         for message_id, body in zip(ids, bodies, strict=True):
             message = _message(message_id.decode(), body)
             if sub.catching_up is not None:
