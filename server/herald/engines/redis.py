@@ -76,8 +76,11 @@ end
 if excess > 0 then redis.call('XTRIM', KEYS[1], 'MAXLEN', maxlen) end
 if excess > len then dropped = ids[excess - len] end
 if dropped then redis.call('HSET', KEYS[2], 'dropped', dropped) end
-redis.call('HSET', KEYS[2], 'last', ids[#ids])
-redis.call('HSETNX', KEYS[2], 'epoch', ARGV[1])
+-- 'last' is new only where the meta hash is (the topic's first publish, or its meta
+-- expired): only then can the epoch be missing. One call less for every other group.
+if redis.call('HSET', KEYS[2], 'last', ids[#ids]) == 1 then
+  redis.call('HSETNX', KEYS[2], 'epoch', ARGV[1])
+end
 local ttl = tonumber(ARGV[3])
 if ttl > 0 then
   redis.call('EXPIRE', KEYS[1], ttl)
