@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from herald.models import Channel
 
@@ -66,13 +66,17 @@ class ChannelCache:
             return entry[1]
         return None
 
-    def missing(self, app: str, names: set[str]) -> list[str]:
-        """The names among ``names`` that have no fresh record here."""
+    def fresh(self, app: str, names: Iterable[object]) -> dict[str, Channel | None]:
+        """Each distinct string among ``names``: its fresh record here, or None. Never loads."""
         now = time.monotonic()
         entries = self._entries
-        return [
-            name for name in names if (entry := entries.get((app, name))) is None or entry[0] <= now
-        ]
+        found: dict[str, Channel | None] = {}
+        for name in names:
+            # Only strings: a name from a request may be unhashable (a list, an object).
+            if isinstance(name, str) and name not in found:
+                entry = entries.get((app, name))
+                found[name] = entry[1] if entry is not None and entry[0] > now else None
+        return found
 
     def forget(self, app: str, name: str) -> None:
         """Drop one record (it changed)."""

@@ -167,24 +167,28 @@ class Publisher:
         accepted: list[tuple[Channel, Message]] = []
         channels: dict[str, Channel | HeraldError] = {}
         # Read the batch's channels at once, not one round trip after another.
-        # Only strings: an invalid item's channel may be unhashable (a list, an object).
-        names = [item.get("channel") for item in items if isinstance(item, dict)]
-        cold = self._channels.missing(principal.app, {n for n in names if isinstance(n, str)})
-        if cold:
-            await asyncio.gather(
-                *(self._channels.get(principal.app, name) for name in cold),
-                return_exceptions=True,
-            )
         cache, app = self._channels, principal.app
+        names = [item.get("channel") for item in items if isinstance(item, dict)]
+        records = cache.fresh(app, names)
+        cold = [name for name, record in records.items() if record is None]
+        failed: set[str] = set()
+        if cold:
+            loaded = await asyncio.gather(
+                *(cache.get(app, name) for name in cold), return_exceptions=True
+            )
+            for name, record in zip(cold, loaded, strict=True):
+                if isinstance(record, BaseException):
+                    failed.add(name)
+                else:
+                    records[name] = record  # None: no such channel
         for item in items:
             try:
                 name, payload, room, metadata, audience = _parse_item(item)
                 channel = channels.get(name)
                 if channel is None:
-                    # Warmed above: a record that expired since then is read again.
                     try:
-                        record = cache.peek(app, name)
-                        if record is None:
+                        record = records.get(name)
+                        if name in failed:  # again, so that the error is this item's
                             record = await cache.get(app, name)
                         channel = self._check_publishable(principal, name, record)
                     except HeraldError as exc:
