@@ -44,12 +44,48 @@ def _identity(device: Device) -> tuple[str, str, str, str]:
     return (device.id, device.app, device.platform, device.address)
 
 
+# A retained message: Message's fields in order, a {type, id} author as its two strings.
+# Not the Message itself: a tuple that holds only strings, numbers and None is untracked
+# by the garbage collector the first time a young collection sees it (one that holds
+# any dict never is), so a full history (up to history_size per topic: hundreds of
+# thousands of messages in a busy worker) is not walked again and again. As objects,
+# retained messages were promoted and walked by every older collection: one took 0.3 s
+# in bench/run.py S2. Payloads that are objects or arrays stay tracked.
+_Retained = tuple[Any, ...]
+
+
+def _retained(message: Message) -> _Retained:
+    author: Any = message.author
+    kind = None
+    if len(author) == 2 and "type" in author and "id" in author:
+        kind, author = author["type"], author["id"]
+    return (
+        message.id,
+        message.app,
+        message.channel,
+        message.room,
+        message.payload,
+        kind,
+        author,
+        message.created_at,
+        message.metadata,
+        message.audience,
+    )
+
+
+def _message(retained: _Retained) -> Message:
+    id_, app, channel, room, payload, kind, author, created_at, metadata, audience = retained
+    if kind is not None:
+        author = {"type": kind, "id": author}
+    return Message(id_, app, channel, room, payload, author, created_at, metadata, audience)
+
+
 @dataclass(slots=True)
 class _Stream:
     """One topic's bounded history."""
 
     epoch: str = field(default_factory=lambda: secrets.token_hex(4))
-    messages: deque[Message] = field(default_factory=deque)
+    messages: deque[_Retained] = field(default_factory=deque)
     keys: deque[tuple[int, int]] = field(default_factory=deque)
     last: tuple[int, int] = _ZERO
     # Every id at or below this one may have been dropped (trimmed or expired).
@@ -146,7 +182,7 @@ class MemoryEngine(Engine):
         message.id = f"{key[0]}-{key[1]}"
         message.created_at = created_at
         stream.last = key
-        stream.messages.append(message)
+        stream.messages.append(_retained(message))
         stream.keys.append(key)
         while len(stream.messages) > channel.history_size:
             stream.messages.popleft()
@@ -188,8 +224,8 @@ class MemoryEngine(Engine):
             return []
         if reverse:
             start = max(lo, hi - limit)
-            return [stream.messages[i] for i in range(hi - 1, start - 1, -1)]
-        return [stream.messages[i] for i in range(lo, min(hi, lo + limit))]
+            return [_message(stream.messages[i]) for i in range(hi - 1, start - 1, -1)]
+        return [_message(stream.messages[i]) for i in range(lo, min(hi, lo + limit))]
 
     async def recover(self, topic: Topic, since: str, epoch: str | None = None) -> Recovery:
         """Everything retained after ``since``; ``recovered`` as `decide_recovery` says."""
@@ -200,7 +236,7 @@ class MemoryEngine(Engine):
         retained = lo < len(stream.keys) and stream.keys[lo] == key
         if retained:
             lo += 1
-        messages = [stream.messages[i] for i in range(lo, len(stream.messages))]
+        messages = [_message(stream.messages[i]) for i in range(lo, len(stream.messages))]
         dropped = f"{stream.dropped[0]}-{stream.dropped[1]}"
         recovered = decide_recovery(
             since, epoch, position, dropped=dropped, since_retained=retained
