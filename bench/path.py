@@ -211,13 +211,16 @@ async def measure(
     runs: list[float] = []
     redis_us = None
     collection_ms, tracked = 0.0, 0
+    pauses = Pauses()
     if args.batches:
         await path.publish(warm)
+        gc.callbacks.append(pauses.observe)
         redis_cpu = cpu_seconds([redis.pid]) if redis else 0.0
         for _ in range(args.repeats):
             started = time.process_time()
             await path.publish(bodies)
             runs.append((time.process_time() - started) / (args.batches * _BATCH) * 1e6)
+        gc.callbacks.remove(pauses.observe)
         # What a full collection walks once the runs are over (set-up objects are frozen).
         started = time.perf_counter()
         gc.collect()
@@ -235,9 +238,38 @@ async def measure(
         "cpu_us_per_message": runs,
         "best": min(runs) if runs else None,
         "redis_cpu_us_per_message": redis_us,
+        "collections": pauses.summary(),
         "full_collection_ms": collection_ms,
         "tracked_objects": tracked,
     }
+
+
+class Pauses:
+    """The garbage collector's pauses while the runs publish, per generation."""
+
+    def __init__(self) -> None:
+        self._started = 0.0
+        self.by_generation: dict[int, list[float]] = {0: [], 1: [], 2: []}
+
+    def observe(self, phase: str, info: dict[str, int]) -> None:
+        """A `gc.callbacks` hook: time from each collection's start to its stop."""
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            elapsed = (time.perf_counter() - self._started) * 1000
+            self.by_generation[info["generation"]].append(elapsed)
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Count, mean and longest pause (ms) of each generation that was collected."""
+        return {
+            str(generation): {
+                "count": len(pauses),
+                "mean_ms": sum(pauses) / len(pauses),
+                "max_ms": max(pauses),
+            }
+            for generation, pauses in self.by_generation.items()
+            if pauses
+        }
 
 
 def instructions(args: argparse.Namespace) -> int:
@@ -302,6 +334,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{result['engine']} engine, {args.channels:,} channels x 1 subscriber, "
         f"{_BATCH}-item batches: {result['best']:.2f} CPU us per message, best of {runs}"
     )
+    for generation, pauses in result["collections"].items():
+        print(
+            f"collections of generation {generation} during the runs: {pauses['count']:.0f}, "
+            f"mean {pauses['mean_ms']:.1f} ms, longest {pauses['max_ms']:.1f} ms"
+        )
     print(
         f"then a full garbage collection: {result['full_collection_ms']:.1f} ms, "
         f"{result['tracked_objects']:,} objects tracked (set-up objects frozen)"
