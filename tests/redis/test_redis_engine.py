@@ -14,7 +14,7 @@ import pytest
 
 from herald.engines.redis import RedisEngine
 from herald.errors import Unavailable
-from herald.models import Channel, Device, Message, Topic
+from herald.models import Channel, Device, Message, Topic, offset_key
 from tests.support import RedisProcess, wait_until
 
 
@@ -72,6 +72,38 @@ async def test_concurrent_publishes_share_pipelines(
     ]
     assert (await engine.get_channel("a", "c")) is None  # the counter alone is no record
     assert (await fresh_redis.cli("HGET", "herald:{a}:chn", "c")).strip() == "200"
+
+
+async def test_publishes_to_many_topics_share_script_calls(
+    engine: RedisEngine, fresh_redis: RedisProcess
+) -> None:
+    # One call carries up to 100 topics: 250 topics with 2 messages each (grouped by
+    # topic, queued together) take 3 calls, with one PUBLISH per topic.
+    channels = [Channel(app="a", name=f"c{n}", history_size=1) for n in range(250)]
+    await fresh_redis.cli("CONFIG", "RESETSTAT")
+    published = await engine.publish_many(
+        [
+            (channel, _draft(channel.topic(), f"{channel.name}/{n}"))
+            for n in (1, 2)
+            for channel in channels
+        ]
+    )
+    stats = await fresh_redis.cli("INFO", "commandstats")
+
+    def calls(command: str) -> int:
+        line = next(line for line in stats.splitlines() if line.startswith(f"cmdstat_{command}:"))
+        return int(line.split("calls=")[1].split(",")[0])
+
+    assert calls("xadd") == 500
+    assert calls("evalsha") == 3
+    assert calls("publish") == 250
+    for channel in channels:
+        # history_size 1: each topic trimmed to its second message, in order.
+        [kept] = await engine.history(channel.topic())
+        assert kept.payload == f"{channel.name}/2"
+        first, second = (m for m in published if m.channel == channel.name)
+        assert offset_key(first.id) < offset_key(second.id)
+        assert kept.id == second.id
 
 
 async def test_publish_while_redis_is_down_is_unavailable(

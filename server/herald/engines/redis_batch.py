@@ -27,6 +27,7 @@ __all__ = ["PublishBatcher", "Submission", "WirePublishBatcher"]
 
 _MAX_BATCH = 5000  # publishes per pipeline
 _MAX_GROUP = 1000  # messages per script call
+_MAX_TOPICS = 100  # topics per script call, where one call may carry several
 _TIMEOUT = 5.0  # seconds a pipeline may take, connecting included
 
 
@@ -175,8 +176,23 @@ class WirePublishBatcher(PublishBatcher):
     async def _pipeline(
         self, groups: list[list[Submission]], counts: Counter[tuple[str, str]], sha: str
     ) -> list[Any]:
-        """Run the commands on the batcher's connection; error replies as redis-py errors."""
-        commands = self._commands(groups, counts, sha)
+        """Run the commands on the batcher's connection; error replies as redis-py errors.
+
+        The script here takes several topics a call (``_PUBLISH_MANY``): the answer of
+        each call is split back into one result per group. A call that fails fails all
+        of its groups (Redis refuses a script before it runs for a missing script or
+        lack of memory, so none of them ran).
+        """
+        calls = _calls(groups)
+        epoch = secrets.token_hex(4)  # for topics that have none yet
+        commands: list[tuple[Any, ...]] = []
+        for call in calls:
+            keys = [key for group in call for key in group[0].keys]
+            args: list[Any] = []
+            for group in call:
+                args += [*group[0].settings, len(group), *(s.body for s in group)]
+            commands.append(("EVALSHA", sha, len(keys), *keys, epoch, *args))
+        commands += [("HINCRBY", key, name, count) for (key, name), count in counts.items()]
         try:
             async with asyncio.timeout(_TIMEOUT):
                 if self._connection is None or self._connection.closed:
@@ -185,16 +201,36 @@ class WirePublishBatcher(PublishBatcher):
         except BaseException:
             await self.close()
             raise
-        return [
-            _error(reply) if isinstance(reply, hiredis.ReplyError) else reply
-            for reply in replies[: len(groups)]
-        ]
+        results: list[Any] = []
+        for call, reply in zip(calls, replies, strict=False):
+            if isinstance(reply, hiredis.ReplyError):
+                results += [_error(reply)] * len(call)
+            else:
+                results += reply
+        return results
 
     async def close(self) -> None:
         """Close the batcher's connection."""
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.close()
+
+
+def _calls(groups: list[list[Submission]]) -> list[list[list[Submission]]]:
+    """The groups, in order, cut into script calls of at most ``_MAX_TOPICS`` topics and
+    (unless one group alone is larger) ``_MAX_GROUP`` messages."""
+    calls: list[list[list[Submission]]] = []
+    current: list[list[Submission]] = []
+    size = 0
+    for group in groups:
+        if current and (len(current) == _MAX_TOPICS or size + len(group) > _MAX_GROUP):
+            calls.append(current)
+            current, size = [], 0
+        current.append(group)
+        size += len(group)
+    if current:
+        calls.append(current)
+    return calls
 
 
 def _error(reply: hiredis.ReplyError) -> ResponseError:
