@@ -34,10 +34,10 @@ class ChannelCache:
 
     async def get(self, app: str, name: str) -> Channel | None:
         """The channel record, from the cache when fresh. Treat it as read-only."""
+        fresh = self.peek(app, name)
+        if fresh is not None:
+            return fresh
         key = (app, name)
-        entry = self._entries.get(key)
-        if entry is not None and entry[0] > time.monotonic():
-            return entry[1]
         pending = self._loading.get(key)
         if pending is not None:
             return await asyncio.shield(pending)

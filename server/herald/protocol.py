@@ -44,6 +44,11 @@ class Encoding(Enum):
     JSON = "herald.json"
     MSGPACK = "herald.msgpack"
 
+    # Enum's own __hash__ is Python code (it hashes the name); members are singletons
+    # compared by identity, so the identity hash is as good and costs no call. The hub
+    # keys each message's frames by encoding.
+    __hash__ = object.__hash__
+
 
 SUBPROTOCOLS = (Encoding.JSON.value, Encoding.MSGPACK.value)
 """Subprotocols offered at the handshake, in order of preference."""

@@ -133,8 +133,7 @@ class PublishBatcher:
             ("EVALSHA", sha, 2, *group[0].keys, epoch, *group[0].settings, *(s.body for s in group))
             for group in groups
         ]
-        # Counts are advisory (channel `counts.messages`).
-        commands += [("HINCRBY", key, name, count) for (key, name), count in counts.items()]
+        commands += _increments(counts)
         return commands
 
     def _after_scripts(self, pipe: Any, groups: list[list[Submission]]) -> None:
@@ -192,7 +191,7 @@ class WirePublishBatcher(PublishBatcher):
             for group in call:
                 args += [*group[0].settings, len(group), *(s.body for s in group)]
             commands.append(("EVALSHA", sha, len(keys), *keys, epoch, *args))
-        commands += [("HINCRBY", key, name, count) for (key, name), count in counts.items()]
+        commands += _increments(counts)
         try:
             async with asyncio.timeout(_TIMEOUT):
                 if self._connection is None or self._connection.closed:
@@ -214,6 +213,11 @@ class WirePublishBatcher(PublishBatcher):
         connection, self._connection = self._connection, None
         if connection is not None:
             connection.close()
+
+
+def _increments(counts: Counter[tuple[str, str]]) -> list[tuple[Any, ...]]:
+    """One HINCRBY per channel: its message count (advisory: `counts.messages`)."""
+    return [("HINCRBY", key, name, count) for (key, name), count in counts.items()]
 
 
 def _calls(groups: list[list[Submission]]) -> list[list[list[Submission]]]:
