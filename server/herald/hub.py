@@ -18,7 +18,7 @@ from typing import Protocol
 from herald.audience import matches
 from herald.metrics import DELIVERED, observe_latency
 from herald.models import Device, Message, Topic, offset_key
-from herald.protocol import Encoding, encode, message_frame, ws_frame
+from herald.protocol import JSON, MSGPACK, Encoding, encode, message_frame, ws_frame
 
 __all__ = ["Hub", "Subscriber"]
 
@@ -70,14 +70,15 @@ class _Topic:
 
 def frame_bytes(message: Message, encoding: Encoding) -> bytes:
     """The complete WebSocket frame carrying ``message`` in ``encoding``."""
-    return ws_frame(encode(message_frame(message), encoding), binary=encoding is Encoding.MSGPACK)
+    return ws_frame(encode(message_frame(message), encoding), binary=encoding is MSGPACK)
 
 
 class Hub:
     """The topics this worker serves and who listens to each."""
 
     def __init__(self) -> None:
-        self._topics: dict[Topic, _Topic] = {}
+        # Keyed by topic; any equal tuple finds an entry, as `deliver`'s do.
+        self._topics: dict[tuple[str, str, str], _Topic] = {}
         # A dict, not a list: scheduling the same subscriber twice still flushes it once.
         self._dirty: dict[Subscriber, None] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -147,7 +148,8 @@ class Hub:
 
     def deliver(self, message: Message) -> None:
         """Fan ``message`` out to this worker's subscribers of its topic. Never awaits."""
-        entry = self._topics.get(message.topic)
+        # A plain tuple finds the Topic key (equal, same hash) without building one.
+        entry = self._topics.get((message.app, message.channel, message.room))
         if entry is None:
             return
         entry.last = message.id
@@ -160,22 +162,27 @@ class Hub:
         if entry.floors:
             self._delivered += self._deliver_past_floors(entry, message)
             return
-        frames: dict[Encoding, bytes] = {}
         delivered = 0
+        json_frame = msgpack_frame = None
         if message.audience is None:
             live = entry.json
             if live:
-                frame = frames[Encoding.JSON] = frame_bytes(message, Encoding.JSON)
+                json_frame = frame_bytes(message, JSON)
                 for subscriber in live:
-                    subscriber.push(frame)
+                    subscriber.push(json_frame)
                 delivered = len(live)
             live = entry.msgpack
             if live:
-                frame = frames[Encoding.MSGPACK] = frame_bytes(message, Encoding.MSGPACK)
+                msgpack_frame = frame_bytes(message, MSGPACK)
                 for subscriber in live:
-                    subscriber.push(frame)
+                    subscriber.push(msgpack_frame)
                 delivered += len(live)
         if entry.devices:
+            frames: dict[Encoding, bytes] = {}
+            if json_frame is not None:
+                frames[JSON] = json_frame
+            if msgpack_frame is not None:
+                frames[MSGPACK] = msgpack_frame
             delivered += self._deliver_to_devices(entry.devices, message, (), frames)
         self._delivered += delivered
 
@@ -214,7 +221,7 @@ class Hub:
         entry.floors = {s: floor for s, floor in entry.floors.items() if key <= floor}
         frames: dict[Encoding, bytes] = {}
         if message.audience is None:
-            for live, encoding in ((entry.json, Encoding.JSON), (entry.msgpack, Encoding.MSGPACK)):
+            for live, encoding in ((entry.json, JSON), (entry.msgpack, MSGPACK)):
                 if live:
                     frame = frames[encoding] = frame_bytes(message, encoding)
                     for subscriber in live:

@@ -19,6 +19,8 @@ from herald.errors import CloseCode, HeraldError, ProtocolError, Unauthorized
 from herald.models import Message, Topic, check_name, parse_offset
 
 __all__ = [
+    "JSON",
+    "MSGPACK",
     "SUBPROTOCOLS",
     "Connect",
     "ConnectionState",
@@ -50,7 +52,12 @@ class Encoding(Enum):
     __hash__ = object.__hash__
 
 
-SUBPROTOCOLS = (Encoding.JSON.value, Encoding.MSGPACK.value)
+# Read through the class, a member is an attribute lookup in Python code on 3.11
+# (about 90 ns): the per-message paths use these names instead.
+JSON = Encoding.JSON
+MSGPACK = Encoding.MSGPACK
+
+SUBPROTOCOLS = (JSON.value, MSGPACK.value)
 """Subprotocols offered at the handshake, in order of preference."""
 
 _MAX_ID_LENGTH = 64
@@ -83,10 +90,15 @@ def decode(data: bytes | str, encoding: Encoding) -> dict[str, Any]:
 
 def encode(frame: dict[str, Any], encoding: Encoding) -> bytes:
     """Serialise a server frame for one encoding."""
-    if encoding is Encoding.JSON:
+    if encoding is JSON:
         return orjson.dumps(frame)
     packed: bytes = msgpack.packb(frame, use_bin_type=True)
     return packed
+
+
+# The two-byte headers of the frames short enough to carry their length in the second byte.
+_TEXT_HEADS = [bytes((0x81, n)) for n in range(126)]
+_BINARY_HEADS = [bytes((0x82, n)) for n in range(126)]
 
 
 def ws_frame(payload: bytes, *, binary: bool) -> bytes:
@@ -95,10 +107,10 @@ def ws_frame(payload: bytes, *, binary: bool) -> bytes:
     Server frames carry no mask, so these bytes are the same for every
     subscriber: the fan-out builds them once and writes them many times.
     """
-    head = 0x82 if binary else 0x81
     n = len(payload)
     if n < 126:
-        return bytes((head, n)) + payload
+        return (_BINARY_HEADS if binary else _TEXT_HEADS)[n] + payload
+    head = 0x82 if binary else 0x81
     if n < 65536:
         return struct.pack("!BBH", head, 126, n) + payload
     return struct.pack("!BBQ", head, 127, n) + payload

@@ -49,7 +49,10 @@ def _parse_item(item: Any) -> tuple[str, Any, object, object, object]:
     """(channel, payload, room, metadata, audience) of a publish request object."""
     if not isinstance(item, dict):
         raise BadRequest("each item must be an object")
-    if not item.keys() <= _ITEM_FIELDS:
+    # The common item, {channel, payload}, is told apart without a set comparison.
+    if not (len(item) == 2 and "payload" in item and "channel" in item) and not (
+        item.keys() <= _ITEM_FIELDS
+    ):
         unknown = sorted(item.keys() - _ITEM_FIELDS)[0]
         raise BadRequest(f"unknown field {unknown!r}", path=unknown)
     if "payload" not in item:
@@ -90,7 +93,7 @@ class Publisher:
         """
         self._spend_rate(principal, 1)
         channel = await self._publishable(principal, name)
-        message = self._message(principal, channel, payload, room, metadata, audience)
+        message = self._message(principal.author, channel, payload, room, metadata, audience)
         stored = await self.engine.publish(channel, message)
         PUBLISHED.inc()
         if channel.idle_timeout:
@@ -126,7 +129,7 @@ class Publisher:
 
     def _message(
         self,
-        principal: Principal,
+        author: dict[str, str],
         channel: Channel,
         payload: Any,
         room: object,
@@ -146,7 +149,7 @@ class Publisher:
             channel.name,
             room_name,
             payload,
-            principal.author,
+            author,
             "",
             None if metadata is None else parse_metadata(metadata, self.settings),
             None if audience is None else parse_audience(audience),
@@ -172,6 +175,8 @@ class Publisher:
         records = cache.fresh(app, names)
         cold = [name for name, record in records.items() if record is None]
         failed: set[str] = set()
+        # One author object for the batch's messages (nothing changes a message's author).
+        author = principal.author
         if cold:
             loaded = await asyncio.gather(
                 *(cache.get(app, name) for name in cold), return_exceptions=True
@@ -199,7 +204,7 @@ class Publisher:
                 accepted.append(
                     (
                         channel,
-                        self._message(principal, channel, payload, room, metadata, audience),
+                        self._message(author, channel, payload, room, metadata, audience),
                     )
                 )
                 results.append(None)

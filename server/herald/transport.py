@@ -30,6 +30,7 @@ from herald.metrics import CONNECTIONS, DROPPED, ENGINE_ERRORS, SLOW_CONSUMERS
 from herald.models import Device, Message
 from herald.node import Node
 from herald.protocol import (
+    MSGPACK,
     SUBPROTOCOLS,
     Connect,
     ConnectionState,
@@ -375,7 +376,7 @@ class Connection(asyncio.Protocol):
 
     def send(self, frame: dict[str, Any]) -> None:
         """Encode one server frame for this connection and queue it."""
-        self.push(ws_frame(encode(frame, self.encoding), binary=self.encoding is Encoding.MSGPACK))
+        self.push(ws_frame(encode(frame, self.encoding), binary=self.encoding is MSGPACK))
 
     def push(self, frame: bytes) -> None:
         """Queue ready frame bytes; the hub flushes once per loop iteration. Never awaits."""

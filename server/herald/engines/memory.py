@@ -12,6 +12,7 @@ from bisect import bisect_left, bisect_right
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, TypeVar
 
 from herald.engines.base import ControlHandler, Engine, MessageHandler, decide_recovery
@@ -44,7 +45,8 @@ def _identity(device: Device) -> tuple[str, str, str, str]:
     return (device.id, device.app, device.platform, device.address)
 
 
-# A retained message: Message's fields in order, a {type, id} author as its two strings.
+# A retained message: its stream key's two numbers (ms, seq: what history searches by),
+# then Message's fields in order, a {type, id} author as its two strings.
 # Not the Message itself: a tuple that holds only strings, numbers and None is untracked
 # by the garbage collector the first time a young collection sees it (one that holds
 # any dict never is), so a full history (up to history_size per topic: hundreds of
@@ -55,12 +57,14 @@ def _identity(device: Device) -> tuple[str, str, str, str]:
 _Retained = tuple[Any, ...]
 
 
-def _retained(message: Message) -> _Retained:
+def _retained(key: tuple[int, int], message: Message) -> _Retained:
     author: Any = message.author
     kind = None
     if len(author) == 2 and "type" in author and "id" in author:
         kind, author = author["type"], author["id"]
     return (
+        key[0],
+        key[1],
         message.id,
         message.app,
         message.channel,
@@ -74,8 +78,11 @@ def _retained(message: Message) -> _Retained:
     )
 
 
+_key = itemgetter(0, 1)  # a retained message's stream key
+
+
 def _message(retained: _Retained) -> Message:
-    id_, app, channel, room, payload, kind, author, created_at, metadata, audience = retained
+    _, _, id_, app, channel, room, payload, kind, author, created_at, metadata, audience = retained
     if kind is not None:
         author = {"type": kind, "id": author}
     return Message(id_, app, channel, room, payload, author, created_at, metadata, audience)
@@ -87,7 +94,6 @@ class _Stream:
 
     epoch: str = field(default_factory=lambda: secrets.token_hex(4))
     messages: deque[_Retained] = field(default_factory=deque)
-    keys: deque[tuple[int, int]] = field(default_factory=deque)
     last: tuple[int, int] = _ZERO
     # Every id at or below this one may have been dropped (trimmed or expired).
     dropped: tuple[int, int] = _ZERO
@@ -96,7 +102,6 @@ class _Stream:
     def expire(self, now: float) -> None:
         if self.expires_at is not None and now >= self.expires_at and self.messages:
             self.messages.clear()
-            self.keys.clear()
             self.dropped = self.last
             self.expires_at = None
 
@@ -117,7 +122,8 @@ class MemoryEngine(Engine):
         self._idle: dict[tuple[str, str], float] = {}
         self._subscribers: dict[tuple[str, str], set[tuple[str, str]]] = {}
         self._subscriptions: dict[tuple[str, str], set[str]] = {}
-        self._streams: dict[Topic, _Stream] = {}
+        # Keyed by topic; any equal tuple finds an entry, as the publish path's do.
+        self._streams: dict[tuple[str, str, str], _Stream] = {}
         self._subscribed: set[Topic] = set()
         self._channels: dict[tuple[str, str], Channel] = {}
         self._keys: dict[str, KeyRecord] = {}
@@ -173,21 +179,22 @@ class MemoryEngine(Engine):
         """Fills in the message's id and created_at, stores it, hands it to the hub."""
         if self._on_message is None:
             raise Unavailable("engine is not started")
-        topic = message.topic
+        # A plain tuple finds the Topic key (equal, same hash) without building one.
+        topic = (message.app, message.channel, message.room)
         stream = self._streams.get(topic)
         if stream is None:
             stream = self._streams[topic] = _Stream()
-        else:
+        elif stream.expires_at is not None:
             stream.expire(now)
         key = stream.next_id(ms)
         message.id = f"{key[0]}-{key[1]}"
         message.created_at = created_at
         stream.last = key
-        stream.messages.append(_retained(message))
-        stream.keys.append(key)
-        while len(stream.messages) > channel.history_size:
-            stream.messages.popleft()
-            stream.dropped = stream.keys.popleft()
+        retained = stream.messages
+        retained.append(_retained(key, message))
+        while len(retained) > channel.history_size:
+            dropped = retained.popleft()
+            stream.dropped = (dropped[0], dropped[1])
         if channel.history_ttl:
             stream.expires_at = now + channel.history_ttl
         stored = self._channels.get((channel.app, channel.name))
@@ -219,25 +226,29 @@ class MemoryEngine(Engine):
         if stream is None or limit <= 0:
             return []
         stream.expire(time.monotonic())
-        lo = 0 if since is None else bisect_right(stream.keys, parse_offset(since))
-        hi = len(stream.keys) if until is None else bisect_left(stream.keys, parse_offset(until))
+        retained = stream.messages
+        lo = 0 if since is None else bisect_right(retained, parse_offset(since), key=_key)
+        hi = len(retained)
+        if until is not None:
+            hi = bisect_left(retained, parse_offset(until), key=_key)
         if lo >= hi:
             return []
         if reverse:
             start = max(lo, hi - limit)
-            return [_message(stream.messages[i]) for i in range(hi - 1, start - 1, -1)]
-        return [_message(stream.messages[i]) for i in range(lo, min(hi, lo + limit))]
+            return [_message(retained[i]) for i in range(hi - 1, start - 1, -1)]
+        return [_message(retained[i]) for i in range(lo, min(hi, lo + limit))]
 
     async def recover(self, topic: Topic, since: str, epoch: str | None = None) -> Recovery:
         """Everything retained after ``since``; ``recovered`` as `decide_recovery` says."""
         stream = self._stream(topic)
         key = parse_offset(since)
         position = StreamPosition(f"{stream.last[0]}-{stream.last[1]}", stream.epoch)
-        lo = bisect_left(stream.keys, key)
-        retained = lo < len(stream.keys) and stream.keys[lo] == key
+        kept = stream.messages
+        lo = bisect_left(kept, key, key=_key)
+        retained = lo < len(kept) and _key(kept[lo]) == key
         if retained:
             lo += 1
-        messages = [_message(stream.messages[i]) for i in range(lo, len(stream.messages))]
+        messages = [_message(kept[i]) for i in range(lo, len(kept))]
         dropped = f"{stream.dropped[0]}-{stream.dropped[1]}"
         recovered = decide_recovery(
             since, epoch, position, dropped=dropped, since_retained=retained
