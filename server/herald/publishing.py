@@ -45,8 +45,13 @@ _PENDING = b"\x00pending"
 PENDING_TTL = 15
 
 
-def _parse_item(item: Any) -> tuple[str, Any, object, object, object]:
-    """(channel, payload, room, metadata, audience) of a publish request object."""
+def _parse_item(
+    item: Any, known: dict[str, Channel | None] | None = None
+) -> tuple[str, Any, object, object, object]:
+    """(channel, payload, room, metadata, audience) of a publish request object.
+
+    A channel name that ``known`` maps to a record is a channel's, so valid already.
+    """
     if not isinstance(item, dict):
         raise BadRequest("each item must be an object")
     # The common item, {channel, payload}, is told apart without a set comparison.
@@ -57,7 +62,9 @@ def _parse_item(item: Any) -> tuple[str, Any, object, object, object]:
         raise BadRequest(f"unknown field {unknown!r}", path=unknown)
     if "payload" not in item:
         raise BadRequest("payload is required", path="payload")
-    channel = check_name(item.get("channel"), "channel")
+    channel = item.get("channel")
+    if known is None or type(channel) is not str or known.get(channel) is None:
+        channel = check_name(channel, "channel")
     return channel, item["payload"], item.get("room"), item.get("metadata"), item.get("audience")
 
 
@@ -175,6 +182,7 @@ class Publisher:
         records = cache.fresh(app, names)
         cold = [name for name, record in records.items() if record is None]
         failed: set[str] = set()
+        idle: dict[str, Channel] = {}  # channels published to that close when idle
         # One author object for the batch's messages (nothing changes a message's author).
         author = principal.author
         if cold:
@@ -188,7 +196,7 @@ class Publisher:
                     records[name] = record  # None: no such channel
         for item in items:
             try:
-                name, payload, room, metadata, audience = _parse_item(item)
+                name, payload, room, metadata, audience = _parse_item(item, records)
                 channel = channels.get(name)
                 if channel is None:
                     try:
@@ -201,19 +209,17 @@ class Publisher:
                     channels[name] = channel
                 if isinstance(channel, HeraldError):
                     raise channel
-                accepted.append(
-                    (
-                        channel,
-                        self._message(author, channel, payload, room, metadata, audience),
-                    )
-                )
+                message = self._message(author, channel, payload, room, metadata, audience)
+                if channel.idle_timeout:
+                    idle[name] = channel
+                accepted.append((channel, message))
                 results.append(None)
             except HeraldError as exc:
                 results.append(exc)
         messages = await self.engine.publish_many(accepted)
         PUBLISHED.inc(len(messages))
         stored = iter(messages)
-        for channel in {c.name: c for c, _ in accepted if c.idle_timeout}.values():
+        for channel in idle.values():
             await self._touch_idle(channel)
         return [next(stored) if result is None else result for result in results]
 

@@ -98,6 +98,9 @@ class _Stream:
     # Every id at or below this one may have been dropped (trimmed or expired).
     dropped: tuple[int, int] = _ZERO
     expires_at: float | None = None
+    # Whether the worker listens to this topic: an attribute the publish path reads
+    # anyway, not a second lookup by topic.
+    subscribed: bool = False
 
     def expire(self, now: float) -> None:
         if self.expires_at is not None and now >= self.expires_at and self.messages:
@@ -124,7 +127,6 @@ class MemoryEngine(Engine):
         self._subscriptions: dict[tuple[str, str], set[str]] = {}
         # Keyed by topic; any equal tuple finds an entry, as the publish path's do.
         self._streams: dict[tuple[str, str, str], _Stream] = {}
-        self._subscribed: set[Topic] = set()
         self._channels: dict[tuple[str, str], Channel] = {}
         self._keys: dict[str, KeyRecord] = {}
         self._key_ids: dict[str, str] = {}
@@ -200,17 +202,19 @@ class MemoryEngine(Engine):
         stored = self._channels.get((channel.app, channel.name))
         if stored is not None:
             stored.messages += 1
-        if topic in self._subscribed:
+        if stream.subscribed:
             self._on_message(message)
         return message
 
     async def subscribe(self, topic: Topic) -> None:
         """Deliver ``topic`` from now on."""
-        self._subscribed.add(topic)
+        self._stream(topic).subscribed = True
 
     async def unsubscribe(self, topic: Topic) -> None:
         """Stop delivering ``topic``."""
-        self._subscribed.discard(topic)
+        stream = self._streams.get(topic)
+        if stream is not None:
+            stream.subscribed = False
 
     async def history(
         self,
