@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from herald.auth import Principal
 from herald.channels import parse_channel
+from herald.codec import packb
 from herald.errors import (
     BadRequest,
     HeraldError,
@@ -69,7 +70,7 @@ def respond(
     ``extra`` adds top-level members (``warnings``)."""
     body = {"data": data, "meta": {"code": status, **(meta or {})}, **(extra or {})}
     if _wants_msgpack(request):
-        return Response(msgpack.packb(body, use_bin_type=True), status, headers, MSGPACK)
+        return Response(packb(body), status, headers, MSGPACK)
     return Response(orjson.dumps(body), status, headers, "application/json")
 
 
@@ -83,7 +84,7 @@ def _error_response(request: Request, error: HeraldError) -> Response:
         headers["WWW-Authenticate"] = "Bearer"
     body = error.to_dict()
     if _wants_msgpack(request):
-        return Response(msgpack.packb(body, use_bin_type=True), error.status, headers, MSGPACK)
+        return Response(packb(body), error.status, headers, MSGPACK)
     return Response(orjson.dumps(body), error.status, headers, "application/json")
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import msgpack
 import orjson
 
+from herald.codec import packb
 from herald.errors import CloseCode, HeraldError, ProtocolError, Unauthorized
 from herald.models import Message, Topic, check_name, parse_offset
 
@@ -92,7 +93,7 @@ def encode(frame: dict[str, Any], encoding: Encoding) -> bytes:
     """Serialise a server frame for one encoding."""
     if encoding is JSON:
         return orjson.dumps(frame)
-    packed: bytes = msgpack.packb(frame, use_bin_type=True)
+    packed: bytes = packb(frame)
     return packed
 
 

@@ -31,6 +31,7 @@ import msgpack
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
+from herald.codec import packb
 from herald.engines.base import ControlHandler, Engine, MessageHandler, decide_recovery
 from herald.engines.redis_batch import PublishBatcher, Submission, WirePublishBatcher
 from herald.engines.redis_devices import RedisDevices
@@ -158,6 +159,7 @@ return {meta[1], dropped, last, entries}
 _META_GRACE = 7 * 86400
 _BACKOFF_MAX = 5.0
 _CLOSE_TIMEOUT = 2.0
+_MAX_TOPIC_NAMES = 100_000  # topics whose key names a worker keeps ready
 _MAX_CONNECTIONS = 64  # command connections per worker (pub/sub has its own)
 _CONFIRM_TIMEOUT = 5.0  # seconds Redis has to confirm a SUBSCRIBE
 _CONTROL = b"herald:control"
@@ -166,12 +168,16 @@ _SUBSCRIBED = (b"subscribe", b"ssubscribe")
 _UNSUBSCRIBED = (b"unsubscribe", b"sunsubscribe")
 
 
+# A topic's stream and meta keys, pub/sub channel, and its channel's message counter.
+_TopicNames = tuple[tuple[str, str], str, tuple[str, str]]
+
+
 def _tag(topic: Topic) -> str:
     return f"herald:{{{topic.app}|{topic.channel}|{topic.room}}}"
 
 
 def _body(message: Message) -> bytes:
-    packed: bytes = msgpack.packb(
+    packed: bytes = packb(
         (
             message.app,
             message.channel,
@@ -181,8 +187,7 @@ def _body(message: Message) -> bytes:
             message.created_at,
             message.metadata,
             message.audience,
-        ),
-        use_bin_type=True,
+        )
     )
     return packed
 
@@ -241,6 +246,9 @@ class RedisEngine(RedisRecords, RedisDevices, Engine):
         self._on_message: MessageHandler | None = None
         self._on_control: ControlHandler | None = None
         self._subs: dict[bytes, _Subscription] = {}
+        # A topic's key names, built once: four strings a message cost more than the
+        # rest of queueing it. Cleared whole when full, like the channel cache.
+        self._topic_names: dict[tuple[str, str, str], _TopicNames] = {}
         self._links: Links | None = None
         self._opening: Links | None = None
         self._listener: asyncio.Task[None] | None = None
@@ -306,16 +314,24 @@ class RedisEngine(RedisRecords, RedisDevices, Engine):
         """Queue every publish at once: one script call per topic carries them all."""
         created_at = now_rfc3339()
         submissions = []
+        known = self._topic_names
         for channel, message in items:
             message.created_at = created_at
-            # Built from the fields: `message.topic` would make a tuple per message.
-            tag = f"herald:{{{message.app}|{message.channel}|{message.room}}}"
+            topic = (message.app, message.channel, message.room)
+            names = known.get(topic)
+            if names is None:
+                if len(known) >= _MAX_TOPIC_NAMES:
+                    known.clear()
+                tag = f"herald:{{{message.app}|{message.channel}|{message.room}}}"
+                counter = (f"herald:{{{channel.app}}}:chn", channel.name)
+                names = known[topic] = ((f"{tag}:s", f"{tag}:m"), tag, counter)
+            keys, tag, counter = names
             submissions.append(
                 Submission(
-                    keys=(f"{tag}:s", f"{tag}:m"),
-                    settings=(channel.history_size, channel.history_ttl or 0, tag, _META_GRACE),
-                    body=_body(message),
-                    counter=(f"herald:{{{channel.app}}}:chn", channel.name),
+                    keys,
+                    (channel.history_size, channel.history_ttl or 0, tag, _META_GRACE),
+                    _body(message),
+                    counter,
                 )
             )
         await self._batcher.submit(submissions)
