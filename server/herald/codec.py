@@ -8,9 +8,12 @@ every pack, failed ones included, and a worker packs on one thread only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import msgpack
 
 __all__ = ["packb"]
 
-packb = msgpack.Packer(use_bin_type=True).pack
+packb: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
 """Pack one object (``use_bin_type=True``, as `msgpack.packb` is called elsewhere)."""
