@@ -121,6 +121,19 @@ class Message:
         # A NamedTuple's own constructor is Python code; this runs for every message.
         return _new_tuple(Topic, (self.app, self.channel, self.room))
 
+    def fields(self) -> tuple[Any, ...]:
+        """Every field but ``id``, in order: what engines store (``Message(id, *fields)``)."""
+        return (
+            self.app,
+            self.channel,
+            self.room,
+            self.payload,
+            self.author,
+            self.created_at,
+            self.metadata,
+            self.audience,
+        )
+
     def to_api(self) -> dict[str, Any]:
         """The message object of the HTTP API."""
         return {

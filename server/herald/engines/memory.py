@@ -47,13 +47,14 @@ def _identity(device: Device) -> tuple[str, str, str, str]:
     return (device.id, device.app, device.platform, device.address)
 
 
-# A retained message is Message's fields packed as MessagePack, beside its stream key
-# as one int (ms << 64 | seq) in a second deque. Neither is an object the garbage
-# collector tracks, so publishing leaves nothing behind for it: the young collections
-# that retained tuples kept triggering (every 50,000 messages, 16-22 ms each on
-# bench/path.py's 10,000 channels, 37-49 ms in a worker holding 10,000 connections)
-# stop, and full collections never walk the history (up to history_size per topic).
-# Packing costs on the publish path, unpacking only on history reads.
+# A retained message is its fields but the id (`Message.fields`) packed as MessagePack,
+# beside its stream key as one int (ms << 64 | seq, which is the id) in a second deque.
+# Neither is an object the garbage collector tracks, so publishing leaves nothing
+# behind for it: the young collections that retained tuples kept triggering (every
+# 50,000 messages, 16-22 ms each on bench/path.py's 10,000 channels, 37-49 ms in a
+# worker holding 10,000 connections) stop, and full collections never walk the
+# history (up to history_size per topic). Packing costs on the publish path,
+# unpacking only on history reads.
 _SEQ_BITS = 64
 _SEQ_MASK = (1 << _SEQ_BITS) - 1
 
@@ -66,24 +67,9 @@ def _pair_key(key: int) -> tuple[int, int]:
     return key >> _SEQ_BITS, key & _SEQ_MASK
 
 
-def _retained(message: Message) -> bytes:
-    return packb(
-        (
-            message.id,
-            message.app,
-            message.channel,
-            message.room,
-            message.payload,
-            message.author,
-            message.created_at,
-            message.metadata,
-            message.audience,
-        )
-    )
-
-
-def _message(retained: bytes) -> Message:
-    return Message(*msgpack.unpackb(retained, raw=False))
+def _message(key: int, retained: bytes) -> Message:
+    ms, seq = _pair_key(key)
+    return Message(f"{ms}-{seq}", *msgpack.unpackb(retained, raw=False))
 
 
 @dataclass(slots=True)
@@ -193,7 +179,7 @@ class MemoryEngine(Engine):
         message.created_at = created_at
         stream.last = key
         retained, keys = stream.messages, stream.keys
-        retained.append(_retained(message))
+        retained.append(packb(message.fields()))
         keys.append(key[0] << _SEQ_BITS | key[1])
         while len(retained) > channel.history_size:
             retained.popleft()
@@ -238,8 +224,8 @@ class MemoryEngine(Engine):
             return []
         if reverse:
             start = max(lo, hi - limit)
-            return [_message(retained[i]) for i in range(hi - 1, start - 1, -1)]
-        return [_message(retained[i]) for i in range(lo, min(hi, lo + limit))]
+            return [_message(keys[i], retained[i]) for i in range(hi - 1, start - 1, -1)]
+        return [_message(keys[i], retained[i]) for i in range(lo, min(hi, lo + limit))]
 
     async def recover(self, topic: Topic, since: str, epoch: str | None = None) -> Recovery:
         """Everything retained after ``since``; ``recovered`` as `decide_recovery` says."""
@@ -252,7 +238,7 @@ class MemoryEngine(Engine):
         retained = lo < len(keys) and keys[lo] == wanted
         if retained:
             lo += 1
-        messages = [_message(kept[i]) for i in range(lo, len(kept))]
+        messages = [_message(keys[i], kept[i]) for i in range(lo, len(kept))]
         dropped = f"{stream.dropped[0]}-{stream.dropped[1]}"
         recovered = decide_recovery(
             since, epoch, position, dropped=dropped, since_retained=retained

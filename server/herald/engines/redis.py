@@ -177,19 +177,7 @@ def _tag(topic: Topic) -> str:
 
 
 def _body(message: Message) -> bytes:
-    packed: bytes = packb(
-        (
-            message.app,
-            message.channel,
-            message.room,
-            message.payload,
-            message.author,
-            message.created_at,
-            message.metadata,
-            message.audience,
-        )
-    )
-    return packed
+    return packb(message.fields())
 
 
 def _message(message_id: str, body: bytes) -> Message:
