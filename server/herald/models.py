@@ -91,9 +91,6 @@ class Topic(NamedTuple):
         return f"{self.app}\x1f{self.channel}\x1f{self.room}"
 
 
-_new_tuple = tuple.__new__
-
-
 class StreamPosition(NamedTuple):
     """The newest message id of a topic ("0-0" before the first) and its history epoch."""
 
@@ -118,8 +115,7 @@ class Message:
     @property
     def topic(self) -> Topic:
         """The topic the message was published to."""
-        # A NamedTuple's own constructor is Python code; this runs for every message.
-        return _new_tuple(Topic, (self.app, self.channel, self.room))
+        return Topic(self.app, self.channel, self.room)
 
     def fields(self) -> tuple[Any, ...]:
         """Every field but ``id``, in order: what engines store (``Message(id, *fields)``)."""

@@ -180,7 +180,7 @@ class MemoryEngine(Engine):
         stream.last = key
         retained, keys = stream.messages, stream.keys
         retained.append(packb(message.fields()))
-        keys.append(key[0] << _SEQ_BITS | key[1])
+        keys.append(_int_key(key))
         while len(retained) > channel.history_size:
             retained.popleft()
             stream.dropped = _pair_key(keys.popleft())

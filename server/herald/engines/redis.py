@@ -310,7 +310,7 @@ class RedisEngine(RedisRecords, RedisDevices, Engine):
             if names is None:
                 if len(known) >= _MAX_TOPIC_NAMES:
                     known.clear()
-                tag = f"herald:{{{message.app}|{message.channel}|{message.room}}}"
+                tag = _tag(message.topic)
                 counter = (f"herald:{{{channel.app}}}:chn", channel.name)
                 names = known[topic] = ((f"{tag}:s", f"{tag}:m"), tag, counter)
             keys, tag, counter = names
