@@ -1,4 +1,4 @@
-"""Smoke check of the reference servers (bench/ref_websockets.py, bench/ref_starlette.py).
+"""Smoke check of the reference servers (bench/ref_websockets.py, ref_starlette.py, ref_floor.py).
 
 For each server: start a throwaway ``redis-server`` (no persistence) and the
 server on free ports of 127.0.0.1, connect three clients with the
@@ -35,7 +35,7 @@ from websockets.typing import Subprotocol
 
 HOST = "127.0.0.1"
 BENCH = Path(__file__).resolve().parent
-SERVERS = ["ref_websockets.py", "ref_starlette.py"]
+SERVERS = ["ref_websockets.py", "ref_starlette.py", "ref_floor.py"]
 CLIENTS = 3
 MESSAGES = 100
 CHANNEL = "refcheck"

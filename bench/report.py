@@ -10,7 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LOADGEN_LIMIT_PCT", "OTHER_LIMIT_PCT", "Ratio", "flags", "ratios", "table"]
+__all__ = [
+    "LOADGEN_LIMIT_PCT",
+    "OTHER_LIMIT_PCT",
+    "Ratio",
+    "flags",
+    "floor_lines",
+    "ratios",
+    "table",
+]
 
 LOADGEN_LIMIT_PCT = 90.0
 """Above this the load generator, not the server, was probably the limit."""
@@ -119,6 +127,7 @@ _NAMES = {
     "herald-redis": "Herald redis",
     "ref-websockets": "raw websockets",
     "ref-starlette": "Starlette",
+    "ref-floor": "floor",
 }
 
 
@@ -213,3 +222,29 @@ def _all_ratios(rows: list[dict[str, Any]]) -> list[Ratio]:
     found.append(_absolute(rows, "S4 single", "herald-memory", 8000))
     found.append(_absolute(rows, "S4 batch", "herald-memory", 100_000))
     return found
+
+
+def floor_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """What the floor server (`ref-floor`) says about S1 and S2: not targets, a ceiling.
+
+    The floor does nothing per delivery but a lookup and a write of bytes that
+    exist already, so its figure is about the most one core reaches here; the
+    lines put the raw reference and each Herald engine against it.
+    """
+    lines = []
+    for scenario in ("S1 1k", "S1 10k", "S2"):
+        floor = _find(rows, scenario, "ref-floor")
+        if floor is None:
+            continue
+        mark = " (flagged)" if flags(floor) else ""
+        raw = _find(rows, scenario, "ref-websockets")
+        if raw is not None:
+            lines.append(
+                f"{scenario}: floor / raw websockets = {floor['value'] / raw['value']:.2f}x{mark}"
+            )
+        for herald in ("herald-memory", "herald-redis"):
+            row = _find(rows, scenario, herald)
+            if row is not None:
+                share = row["value"] / floor["value"]
+                lines.append(f"{scenario}: {_NAMES[herald]} / floor = {share:.2f}x{mark}")
+    return lines

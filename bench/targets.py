@@ -69,6 +69,7 @@ TARGETS = {
         Target("herald-redis", "herald", "redis"),
         Target("ref-websockets", "reference", script=BENCH / "ref_websockets.py"),
         Target("ref-starlette", "reference", script=BENCH / "ref_starlette.py"),
+        Target("ref-floor", "reference", script=BENCH / "ref_floor.py"),
     )
 }
 """Every target, by the name ``--targets`` takes."""
