@@ -256,7 +256,7 @@ class Node:
         """``counts`` (messages stored, persistent subscribers, live connections: this
         worker's exactly, the others' as of their last report), and for users
         ``you_can_edit`` and ``you_subscribed``."""
-        local = self.subscriptions.local_connections().get(f"{channel.app}|{channel.name}", 0)
+        local = self.subscriptions.connections(channel.app, channel.name)
         others = await self.engine.presence(channel.app, channel.name, exclude=self.name)
         subscribers = await self.engine.subscribers(channel.app, channel.name)
         fields: dict[str, Any] = {
@@ -274,10 +274,17 @@ class Node:
     async def report_presence(self) -> None:
         """Tell the other workers how many connections this one holds per channel."""
         interval = self.settings.presence_interval
+        reported: int | None = None  # the subscriptions' version last reported in full
         while True:
             try:
-                counts = {k: v for k, v in self.subscriptions.local_connections().items() if v}
-                await self.engine.report_presence(self.name, counts, ttl=3 * interval)
+                # A full report costs a field per channel: with 10,000 channels, some 20 ms
+                # of this worker's loop every round. Unchanged counts are only kept fresh.
+                version = self.subscriptions.version
+                ttl = 3 * interval
+                if version != reported or not await self.engine.refresh_presence(self.name, ttl):
+                    counts = {k: v for k, v in self.subscriptions.local_connections().items() if v}
+                    await self.engine.report_presence(self.name, counts, ttl=ttl)
+                    reported = version
             except HeraldError as exc:  # the engine is away: report again next round
                 logger.warning("presence report skipped: %s", exc.detail)
             await asyncio.sleep(interval)

@@ -57,16 +57,19 @@ class Subscriptions:
         self.engine = engine
         self.hub = hub
         self._refs: dict[Topic, int] = defaultdict(int)
+        self._by_channel: dict[tuple[str, str], set[Topic]] = {}  # the keys of _refs
         self._engine_topics: set[Topic] = set()
         self._locks: dict[Topic, asyncio.Lock] = {}
         self._tasks: set[asyncio.Future[None]] = set()
         # Where each topic stood when this worker read it last; with the hub's newest
         # delivered id it answers a subscribe without asking the engine again.
         self._positions: dict[Topic, StreamPosition] = {}
+        self.version = 0
+        """Counts every change of who listens to what (`local_connections` may differ)."""
 
     def topics(self, app: str, channel: str) -> list[Topic]:
         """The topics (rooms) of a channel that this worker listens to."""
-        return [t for t in self._refs if t.app == app and t.channel == channel]
+        return list(self._by_channel.get((app, channel), ()))
 
     def listeners(self, topic: Topic) -> Iterator[Client]:
         """The connections listening to ``topic`` (live or catching up)."""
@@ -79,6 +82,12 @@ class Subscriptions:
         for topic in self._refs:
             counts[f"{topic.app}|{topic.channel}"] += self.hub.subscribers(topic)
         return counts
+
+    def connections(self, app: str, channel: str) -> int:
+        """Connections of this worker subscribed to a channel (any room)."""
+        return sum(
+            self.hub.subscribers(topic) for topic in self._by_channel.get((app, channel), ())
+        )
 
     async def add(
         self,
@@ -110,6 +119,7 @@ class Subscriptions:
         client.state.topics.add(topic)
         SUBSCRIPTIONS.inc()
         self.hub.begin(topic, client)
+        self.version += 1
         try:
             await self._acquire(topic)
             if since is not None:
@@ -123,6 +133,7 @@ class Subscriptions:
                 replay, recovered, position = [], None, await self._position(topic)
         except BaseException:
             self.hub.remove(topic, client)
+            self.version += 1
             client.state.topics.discard(topic)
             SUBSCRIPTIONS.dec()
             await self._release(topic)
@@ -168,6 +179,7 @@ class Subscriptions:
         client.state.topics.discard(topic)
         SUBSCRIPTIONS.dec()
         self.hub.remove(topic, client)
+        self.version += 1
         await self._release(topic)
         return True
 
@@ -177,11 +189,13 @@ class Subscriptions:
         SUBSCRIPTIONS.dec(len(topics))
         for topic in topics:
             self.hub.remove(topic, client)
+        self.version += 1
         for topic in topics:
             await self._release(topic)
 
     def close_channel(self, app: str, name: str) -> None:
         """Tell this worker's subscribers of a closed channel, and unsubscribe them."""
+        self.version += 1
         for topic in self.topics(app, name):
             frame = {"op": "closed", "channel": name, "room": topic.room}
             for subscriber in self.hub.drop(topic):
@@ -206,6 +220,7 @@ class Subscriptions:
 
     async def _acquire(self, topic: Topic) -> None:
         self._refs[topic] += 1
+        self._by_channel.setdefault((topic.app, topic.channel), set()).add(topic)
         if topic in self._engine_topics:
             return
         async with self._lock(topic):
@@ -219,6 +234,10 @@ class Subscriptions:
         if self._refs[topic] > 0:
             return
         del self._refs[topic]
+        rooms = self._by_channel.get((topic.app, topic.channel), set())
+        rooms.discard(topic)
+        if not rooms:
+            self._by_channel.pop((topic.app, topic.channel), None)
         lock = self._lock(topic)
         async with lock:
             # Re-check under the lock: a subscribe may have come back meanwhile.

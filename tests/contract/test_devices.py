@@ -264,3 +264,33 @@ async def test_connections_of_dead_workers_are_not_answered(engine: Engine, app:
         assert answered == {"d1": f"{live}/1", "d2": f"{dying}/1", "d3": f"{unknown}/1"}
     else:
         assert answered == {"d1": f"{live}/1"}
+
+
+async def test_refresh_keeps_a_report_and_its_worker_fresh(engine: Engine, app: str) -> None:
+    worker = f"{app}-w1"
+    await engine.report_presence(worker, {f"{app}|lobby": 2}, ttl=scaled(0.3))
+    await engine.set_connection(app, "d1", f"{worker}/1")
+    assert await engine.refresh_presence(worker, ttl=60) is True
+    await asyncio.sleep(scaled(0.5))
+
+    # Past the first report's ttl, both the counts and the worker's liveness still stand.
+    async with sibling(engine) as other:
+        counted = await other.presence(app, "lobby", exclude=f"{app}-w2")
+        assert counted == (0 if isinstance(engine, MemoryEngine) else 2)
+    assert await engine.connections(app, ["d1"]) == {"d1": f"{worker}/1"}
+
+
+async def test_refresh_tells_when_no_report_is_held(engine: Engine, app: str) -> None:
+    expiring, empty = f"{app}-expiring", f"{app}-empty"
+    await engine.report_presence(expiring, {f"{app}|lobby": 1}, ttl=0.05)
+    await engine.report_presence(empty, {}, ttl=60)
+    await asyncio.sleep(scaled(0.2))
+
+    if isinstance(engine, MemoryEngine):
+        # Nothing is shared between workers, so nothing is ever lost.
+        assert await engine.refresh_presence(expiring, ttl=60) is True
+    else:
+        # The caller must report in full: the counts expired, or there were none.
+        assert await engine.refresh_presence(expiring, ttl=60) is False
+        assert await engine.refresh_presence(empty, ttl=60) is False
+        assert await engine.refresh_presence(f"{app}-never", ttl=60) is False

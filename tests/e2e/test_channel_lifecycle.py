@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 from contextlib import AsyncExitStack
 from pathlib import Path
+from typing import Any
+
+import redis.asyncio as aioredis
 
 from tests.e2e.conftest import Api, clients_on_distinct_workers, open_api, open_client
-from tests.support import RedisProcess, ServerProcess, start_server, wait_until
+from tests.support import RedisProcess, ServerProcess, scaled, start_server, wait_until
 
 
 async def _token(api: Api, user: str) -> str:
@@ -170,6 +173,11 @@ async def test_an_idle_channel_closes_itself_once_on_every_worker(
         server.stop()
 
 
+async def _calls(redis: Any, command: str) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
 async def test_counts_add_up_connections_on_every_worker(
     tmp_path: Path, fresh_redis: RedisProcess, channel_name: str
 ) -> None:
@@ -203,6 +211,25 @@ async def test_counts_add_up_connections_on_every_worker(
 
             await wait_until(lambda: counted(5), seconds=10)
             await clients[0].request({"op": "unsubscribe", "id": "u", "channel": channel_name})
+            await wait_until(lambda: counted(4), seconds=10)
+
+            redis: Any = aioredis.from_url(fresh_redis.url)
+            try:
+                # Unchanged counts are kept fresh, not written again (with many channels a
+                # report is large): no HSET in five rounds of both workers. (The answers
+                # above may all have come from the worker that unsubscribed, which knows
+                # its own count before it reports it.)
+                await asyncio.sleep(scaled(0.5))  # the unsubscribe's report is made by now
+                written = await _calls(redis, "hset")
+                await asyncio.sleep(1.0)
+                assert await _calls(redis, "hset") == written
+                # When Redis loses them (a restart without persistence, a flush), the
+                # workers notice and report in full again.
+                reports = [key async for key in redis.scan_iter(match="herald:{presence}:*")]
+                assert len(reports) == 2  # one per worker
+                await redis.delete(*reports)
+            finally:
+                await redis.aclose()
             await wait_until(lambda: counted(4), seconds=10)
     finally:
         server.stop()

@@ -179,6 +179,12 @@ class Engine(ABC):
         valid for ``ttl`` seconds unless reported again; replaces the last report."""
 
     @abstractmethod
+    async def refresh_presence(self, worker: str, ttl: float) -> bool:
+        """Keep this worker's last report (and the worker) fresh for ``ttl`` more seconds,
+        unchanged; ``False`` when no report with counts is held (expired, lost, or it had
+        none), so the caller must report in full."""
+
+    @abstractmethod
     async def presence(self, app: str, name: str, exclude: str) -> int:
         """Live connections to a channel on every worker but ``exclude``, per their reports."""
 

@@ -364,6 +364,10 @@ class MemoryEngine(Engine):
     async def report_presence(self, worker: str, counts: dict[str, int], ttl: float) -> None:
         """One process has one worker: nothing to share."""
 
+    async def refresh_presence(self, worker: str, ttl: float) -> bool:
+        """Nothing was shared, so nothing can be lost."""
+        return True
+
     async def presence(self, app: str, name: str, exclude: str) -> int:
         """No other worker exists."""
         return 0

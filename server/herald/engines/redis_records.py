@@ -203,6 +203,15 @@ class RedisRecords:
             pipe.zadd(PRESENCE, {worker: time.time() + ttl})
             await pipe.execute()
 
+    async def refresh_presence(self, worker: str, ttl: float) -> bool:
+        """PEXPIRE this worker's hash and mark the worker seen: two small commands where a
+        full report rewrites a field per channel."""
+        async with self._guard(), self.redis.pipeline(transaction=True) as pipe:
+            pipe.pexpire(f"{PRESENCE}:{worker}", int(ttl * 1000))
+            pipe.zadd(PRESENCE, {worker: time.time() + ttl})
+            kept, _ = await pipe.execute()
+        return bool(kept)
+
     async def presence(self, app: str, name: str, exclude: str) -> int:
         """Sum the channel's count over the other workers whose report is still fresh."""
         async with self._guard():
