@@ -24,6 +24,12 @@ __all__ = ["Hub", "Subscriber"]
 
 logger = logging.getLogger("herald.hub")
 
+# Seconds of writes after which a flush lets the loop read sockets again. Before,
+# the next flush waited as long as the last one took: a message arriving then waited
+# too, and the worker sat idle whenever nothing else was ready to run.
+_FLUSH_SLICE = 0.005
+_CLOCK_EVERY = 64  # writes between two looks at the clock
+
 
 class Subscriber(Protocol):
     """What the hub needs of a connection."""
@@ -82,7 +88,8 @@ class Hub:
         # A dict, not a list: scheduling the same subscriber twice still flushes it once.
         self._dirty: dict[Subscriber, None] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._next_flush = 0.0
+        # Subscribers an unfinished flush has still to write, in order.
+        self._flushing: dict[Subscriber, None] = {}
         # Deliveries not yet added to the DELIVERED counter: a multiprocess counter
         # costs a lock and a file write per call, so it is bumped once per flush pass.
         self._delivered = 0
@@ -235,36 +242,42 @@ class Hub:
     def schedule_flush(self, subscriber: Subscriber) -> None:
         """Have ``subscriber.flush()`` called once, at the next flush of the hub.
 
-        Flushes run at the end of the loop iteration, unless the previous one
-        was long: then the loop first gets as much time again for other work
-        (reading Redis, handling publishes). A heavy fan-out so takes at most
-        about half of the worker, and each write carries more frames.
+        Flushes run at the end of the loop iteration, a slice of about
+        `_FLUSH_SLICE` at a time: a fan-out to many connections lets the loop
+        read sockets (Redis, publishes) between slices, and a connection whose
+        turn has not come yet gathers what arrives meanwhile into one write.
         """
-        if not self._dirty:
+        if not self._dirty and not self._flushing:
             loop = self._loop
             if loop is None:
                 loop = self._loop = asyncio.get_running_loop()
-            delay = self._next_flush - loop.time()
-            if delay > 0:
-                loop.call_later(delay, self._flush)
-            else:
-                loop.call_soon(self._flush)
+            loop.call_soon(self._flush)
         self._dirty[subscriber] = None
 
     def _flush(self) -> None:
         loop = self._loop
         assert loop is not None
-        started = loop.time()
-        dirty, self._dirty = self._dirty, {}
-        for subscriber in dirty:
+        # What an unfinished flush left comes first, in order, then what was added since.
+        if self._flushing:
+            self._flushing.update(self._dirty)
+            dirty = self._flushing
+        else:
+            dirty = self._dirty
+        self._dirty, self._flushing = {}, {}
+        deadline = loop.time() + _FLUSH_SLICE
+        left = iter(dirty)
+        for count, subscriber in enumerate(left, 1):
             try:
                 subscriber.flush()
             except Exception:
                 # The others must still be written: a subscriber left out would wait for
                 # good, since it counts as scheduled until its flush runs.
                 logger.exception("flushing a connection failed")
+            if count % _CLOCK_EVERY == 0 and loop.time() > deadline:
+                self._flushing = dict.fromkeys(left)
+                break
         if self._delivered:
             DELIVERED.inc(self._delivered)
             self._delivered = 0
-        finished = loop.time()
-        self._next_flush = finished + (finished - started)
+        if self._flushing or self._dirty:
+            loop.call_soon(self._flush)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import msgpack
 import orjson
@@ -352,3 +353,38 @@ def test_audience_selects_devices_and_skips_everyone_else() -> None:
     hub.remove(NEWS, toaster)
     assert hub.subscribers(NEWS) == 3
     assert set(hub.listeners(NEWS)) == {plain, lamp, opted_out}
+
+
+class Slow(Recorder):
+    """A subscriber whose write takes a while (a full socket buffer, a slow kernel)."""
+
+    def __init__(self, encoding: Encoding, log: list[object]) -> None:
+        super().__init__(encoding)
+        self.log = log
+
+    def flush(self) -> None:
+        super().flush()
+        self.log.append(self)
+        until = time.perf_counter() + 0.0002
+        while time.perf_counter() < until:
+            pass
+
+
+async def test_a_long_flush_lets_the_loop_run_between_slices() -> None:
+    hub = Hub()
+    log: list[object] = []
+    subscribers = [Slow(Encoding.JSON, log) for _ in range(300)]  # some 60 ms of writes
+    for subscriber in subscribers:
+        hub.schedule_flush(subscriber)
+    asyncio.get_running_loop().call_soon(log.append, "other work")
+    # Scheduled again while waiting for its turn: still written once.
+    hub.schedule_flush(subscribers[-1])
+
+    for _ in range(100):
+        await asyncio.sleep(0)
+        if all(s.flushes for s in subscribers):
+            break
+    # Other callbacks ran before the last writes, and everyone was written once, in order.
+    assert log.index("other work") < len(subscribers)
+    assert [entry for entry in log if entry != "other work"] == subscribers
+    assert all(s.flushes == 1 for s in subscribers)
