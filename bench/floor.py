@@ -1,12 +1,13 @@
 """What one delivery costs the kernel: the floor under every server's figures.
 
-In `bench/run.py` S2 (10,000 channels x 1 subscriber) every delivery is one
-``send()`` of one small frame on its own TCP connection: no server can
-coalesce them, since no connection has two frames waiting. This measures
-that send alone, as the servers make it: this process (on the server CPU)
-holds ``--connections`` accepted sockets and sends one frame to each in
-turn, while a second process (on the load generator's CPU) reads them all
-with epoll, as the load generator does.
+In `bench/run.py` S2 (10,000 channels x 1 subscriber) a server that writes
+each message as it comes makes one ``send()`` of one small frame per
+delivery, each on its own TCP connection (only frames left waiting can be
+coalesced into one write). This measures that send alone, as the servers
+make it: this process (on the server CPU) holds ``--connections`` accepted
+sockets and sends one frame to each in turn, while a second process (on
+the load generator's CPU) reads them all with epoll, as the load generator
+does.
 
     .venv/bin/python bench/floor.py
 
