@@ -88,8 +88,6 @@ class Hub:
         # A dict, not a list: scheduling the same subscriber twice still flushes it once.
         self._dirty: dict[Subscriber, None] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Subscribers an unfinished flush has still to write, in order.
-        self._flushing: dict[Subscriber, None] = {}
         # Deliveries not yet added to the DELIVERED counter: a multiprocess counter
         # costs a lock and a file write per call, so it is bumped once per flush pass.
         self._delivered = 0
@@ -247,7 +245,7 @@ class Hub:
         read sockets (Redis, publishes) between slices, and a connection whose
         turn has not come yet gathers what arrives meanwhile into one write.
         """
-        if not self._dirty and not self._flushing:
+        if not self._dirty:
             loop = self._loop
             if loop is None:
                 loop = self._loop = asyncio.get_running_loop()
@@ -257,13 +255,7 @@ class Hub:
     def _flush(self) -> None:
         loop = self._loop
         assert loop is not None
-        # What an unfinished flush left comes first, in order, then what was added since.
-        if self._flushing:
-            self._flushing.update(self._dirty)
-            dirty = self._flushing
-        else:
-            dirty = self._dirty
-        self._dirty, self._flushing = {}, {}
+        dirty, self._dirty = self._dirty, {}
         deadline = loop.time() + _FLUSH_SLICE
         left = iter(dirty)
         for count, subscriber in enumerate(left, 1):
@@ -274,10 +266,14 @@ class Hub:
                 # good, since it counts as scheduled until its flush runs.
                 logger.exception("flushing a connection failed")
             if count % _CLOCK_EVERY == 0 and loop.time() > deadline:
-                self._flushing = dict.fromkeys(left)
+                # The rest go first next time, then whoever was scheduled meanwhile (who
+                # has a flush coming already if anyone was).
+                rest = dict.fromkeys(left)
+                if rest and not self._dirty:
+                    loop.call_soon(self._flush)
+                rest.update(self._dirty)
+                self._dirty = rest
                 break
         if self._delivered:
             DELIVERED.inc(self._delivered)
             self._delivered = 0
-        if self._flushing or self._dirty:
-            loop.call_soon(self._flush)

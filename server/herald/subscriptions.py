@@ -78,10 +78,9 @@ class Subscriptions:
 
     def local_connections(self) -> dict[str, int]:
         """``"app|channel"`` → connections of this worker subscribed to it."""
-        counts: dict[str, int] = defaultdict(int)
-        for topic in self._refs:
-            counts[f"{topic.app}|{topic.channel}"] += self.hub.subscribers(topic)
-        return counts
+        return {
+            f"{app}|{channel}": self.connections(app, channel) for app, channel in self._by_channel
+        }
 
     def connections(self, app: str, channel: str) -> int:
         """Connections of this worker subscribed to a channel (any room)."""

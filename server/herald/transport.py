@@ -63,7 +63,7 @@ _INBOX_HIGH = 64  # frames queued before we stop reading from the socket
 _INBOX_LOW = 16
 _MAX_PUBLISHING = 256  # publishes one connection may have in flight
 # The keepalive pings one slice of the connections every tick. Pinging 10,000 at once
-# held a worker's loop for 220-290 ms (every message waited); slices of a tenth of a
+# held a worker's loop for 217-303 ms (every message waited); slices of a tenth of a
 # second keep each stop near what a tick's share of them costs.
 _PING_TICK = 0.1
 _ping_turns = itertools.count()
