@@ -306,7 +306,7 @@ class Node:
         channel = await self.readable(principal, name)
         topic = channel.topic(channel.check_room(room))
         return await self.engine.history(
-            topic, since=since, until=until, limit=limit, reverse=reverse
+            topic, since=since, until=until, limit=limit, reverse=reverse, size=channel.history_size
         )
 
     async def message(

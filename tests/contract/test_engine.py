@@ -243,14 +243,33 @@ async def test_history_trimmed_to_history_size(engine: Engine, app: str) -> None
     channel = make_channel(app, history_size=3)
     m = ids(await publish_many(engine, channel, 8))
 
-    retained = ids(await engine.history(channel.topic()))
+    held = ids(await engine.history(channel.topic()))
 
     # At least the newest history_size, and always a suffix: never a hole.
-    assert len(retained) >= 3
-    assert retained == m[len(m) - len(retained) :]
+    assert len(held) >= 3
+    assert held == m[len(m) - len(held) :]
     if isinstance(engine, MemoryEngine):
         # Approximate trimming is allowed in general; the memory engine trims exactly.
-        assert retained == m[-3:]
+        assert held == m[-3:]
+    # Read with the history size, exactly the newest history_size.
+    assert ids(await engine.history(channel.topic(), size=3)) == m[-3:]
+    assert ids(await engine.history(channel.topic(), size=3, limit=2)) == m[-3:-1]
+    assert ids(await engine.history(channel.topic(), size=3, reverse=True)) == m[:-4:-1]
+
+
+async def test_history_read_with_a_smaller_size_leaves_out_the_oldest(
+    engine: Engine, app: str
+) -> None:
+    # history_size lowered after publishing: the next publish trims, reads do not wait.
+    channel = make_channel(app, history_size=10)
+    m = ids(await publish_many(engine, channel, 6))
+    topic = channel.topic()
+
+    assert ids(await engine.history(topic, size=4)) == m[-4:]
+    assert ids(await engine.history(topic, size=4, reverse=True, limit=3)) == m[:-4:-1]
+    assert ids(await engine.history(topic, size=4, since=m[3])) == m[4:]
+    assert ids(await engine.history(topic, size=4, until=m[4])) == m[2:4]
+    assert ids(await engine.history(topic, size=10)) == m
 
 
 # recover
@@ -286,7 +305,7 @@ async def test_recover_across_the_trim_point(engine: Engine, app: str) -> None:
     channel = make_channel(app, history_size=3)
     published = await publish_many(engine, channel, 7)
     topic = channel.topic()
-    retained = await engine.history(topic)
+    retained = await engine.history(topic, size=3)
     trimmed = published[: len(published) - len(retained)]
     assert len(trimmed) >= 2
 

@@ -74,6 +74,55 @@ async def test_concurrent_publishes_share_pipelines(
     assert (await fresh_redis.cli("HGET", "herald:{a}:chn", "c")).strip() == "200"
 
 
+def _calls(stats: str, command: str) -> int:
+    """How many times ``command`` ran, from ``INFO commandstats`` (0 if never)."""
+    for line in stats.splitlines():
+        if line.startswith(f"cmdstat_{command}:"):
+            return int(line.split("calls=")[1].split(",")[0])
+    return 0
+
+
+async def test_a_publish_to_a_full_history_adds_and_trims_in_one_command(
+    engine: RedisEngine, fresh_redis: RedisProcess
+) -> None:
+    channel = Channel(app="a", name="c", history_size=3)
+    topic = channel.topic()
+    published = [await engine.publish(channel, _draft(topic, n)) for n in range(6)]
+    await fresh_redis.cli("CONFIG", "RESETSTAT")
+
+    published.append(await engine.publish(channel, _draft(topic, 6)))
+
+    # The XADD trims; no read of the oldest entry nor a trim point written per publish.
+    stats = await fresh_redis.cli("INFO", "commandstats")
+    assert _calls(stats, "xadd") == 1
+    for command in ("xrange", "xtrim", "hset", "hsetnx", "hget"):
+        assert _calls(stats, command) == 0, command
+    # The stream holds one entry more: the newest one trimmed from the history.
+    assert (await fresh_redis.cli("XLEN", "herald:{a|c|}:s")).strip() == "4"
+    assert [m.id for m in await engine.history(topic, size=3)] == [m.id for m in published[-3:]]
+    point = await engine.recover(topic, published[-4].id)
+    assert (point.recovered, point.messages) == (True, published[-3:])
+    for since in (published[-5].id, "0-0"):
+        assert (await engine.recover(topic, since)).recovered is False, since
+
+
+async def test_a_lost_stream_is_not_taken_for_a_fresh_one(
+    engine: RedisEngine, fresh_redis: RedisProcess
+) -> None:
+    channel = Channel(app="a", name="c")
+    topic = channel.topic()
+    published = [await engine.publish(channel, _draft(topic, n)) for n in range(3)]
+    # Evicted or deleted while its meta hash stays: messages 1 and 2 are gone.
+    await fresh_redis.cli("DEL", "herald:{a|c|}:s")
+
+    fresh = await engine.publish(channel, _draft(topic, 3))
+
+    for since in ("0-0", published[0].id, published[1].id):
+        recovery = await engine.recover(topic, since)
+        assert (recovery.recovered, recovery.messages) == (False, [fresh]), since
+    assert (await engine.recover(topic, fresh.id)).recovered is True
+
+
 async def test_publishes_to_many_topics_share_script_calls(
     engine: RedisEngine, fresh_redis: RedisProcess
 ) -> None:
@@ -99,7 +148,7 @@ async def test_publishes_to_many_topics_share_script_calls(
     assert calls("publish") == 250
     for channel in channels:
         # history_size 1: each topic trimmed to its second message, in order.
-        [kept] = await engine.history(channel.topic())
+        [kept] = await engine.history(channel.topic(), size=1)
         assert kept.payload == f"{channel.name}/2"
         first, second = (m for m in published if m.channel == channel.name)
         assert offset_key(first.id) < offset_key(second.id)

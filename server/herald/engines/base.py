@@ -99,10 +99,15 @@ class Engine(ABC):
         until: str | None = None,
         limit: int = 100,
         reverse: bool = False,
+        size: int | None = None,
     ) -> list[Message]:
         """Retained messages with ``since < id < until``, oldest first (newest first if
         ``reverse``), at most ``limit`` of them, taken from the oldest end (newest if
-        ``reverse``)."""
+        ``reverse``).
+
+        ``size``, the channel's ``history_size``, leaves out what the engine still
+        holds beyond the newest ``size`` (trimming may lag or keep a few more).
+        """
 
     @abstractmethod
     async def recover(self, topic: Topic, since: str, epoch: str | None = None) -> Recovery:

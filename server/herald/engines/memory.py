@@ -211,6 +211,7 @@ class MemoryEngine(Engine):
         until: str | None = None,
         limit: int = 100,
         reverse: bool = False,
+        size: int | None = None,
     ) -> list[Message]:
         """Slice the retained deque by id with two binary searches."""
         stream = self._streams.get(topic)
@@ -219,6 +220,9 @@ class MemoryEngine(Engine):
         stream.expire(time.monotonic())
         retained, keys = stream.messages, stream.keys
         lo = 0 if since is None else bisect_right(keys, _int_key(parse_offset(since)))
+        if size is not None:
+            # A smaller history_size trims at the next publish; until then, read less.
+            lo = max(lo, len(keys) - size)
         hi = len(keys) if until is None else bisect_left(keys, _int_key(parse_offset(until)))
         if lo >= hi:
             return []

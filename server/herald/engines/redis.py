@@ -3,14 +3,17 @@
 Layout (``T`` is the topic tag ``{app|channel|room}``, a Redis Cluster hash tag,
 so a topic's keys and its pub/sub channel live on one shard):
 
-- ``herald:T:s``  the history stream (XADD MAXLEN history_size)
+- ``herald:T:s``  the history stream (XADD MAXLEN history_size + 1: once
+  anything was trimmed, its oldest entry is the trim point, see `_PUBLISH_TOPIC`)
 - ``herald:T:m``  hash: ``epoch`` of this incarnation of the stream, ``dropped``
-  (the newest id trimmed away)
-- ``herald:T``    the pub/sub channel; each message is ``<id> <body>``
+  (the newest id of a stream that expired or was lost), ``last`` (the newest
+  id, where the stream can expire), ``seen`` (the topic was published to)
+- ``herald:T``    the pub/sub channel; each message is a MessagePack
+  ``[ids, [body, ...]]``
 - records (channels, keys, apps): see `herald.engines.redis_records`
 
-Publishing is one Lua script: trim bookkeeping, XADD, PUBLISH of the same
-body, so the id exists before anyone receives the message. Pub/sub runs on
+Publishing is one Lua script: XADD (which trims), PUBLISH of the same
+bodies, so the id exists before anyone receives the message. Pub/sub runs on
 a connection of its own with no silent retries: when it drops, the engine
 reconnects with backoff, resubscribes every wanted topic and replays from the
 streams whatever was published meanwhile, so connected clients miss nothing.
@@ -53,8 +56,14 @@ __all__ = ["RedisEngine", "publish_script"]
 
 logger = logging.getLogger("herald.redis")
 
-# One topic's publish: trim bookkeeping, an XADD per body, one PUBLISH of them all.
+# One topic's publish: an XADD per body, trimmed as it goes, and one PUBLISH of them all.
 # The topic's bodies are ARGV[first..last], in order.
+#
+# A stream keeps one entry more than the history it serves: once anything was trimmed
+# from it (Redis counts `entries-added`), its oldest entry is the trim point, the newest
+# id gone. Readers (`_TRIM_POINT`) leave that entry out and recover from it. So a
+# publish writes no bookkeeping of its own: the XADD trims and the trim point moves with
+# it, where a separate XRANGE, XTRIM and HSET cost more than the XADD and the PUBLISH.
 _PUBLISH_TOPIC = """
 -- A MessagePack array header for n elements.
 local function array(n)
@@ -66,31 +75,25 @@ end
 
 local function publish(stream, meta, epoch, maxlen, ttl, channel, grace, first, last)
   local n = last - first + 1
-  local len = redis.call('XLEN', stream)
-  local dropped = nil
-  if len == 0 then
-    -- The stream expired (history_ttl) or was lost: everything up to the last id is gone.
-    dropped = redis.call('HGET', meta, 'last')
-  end
-  local excess = len + n - maxlen
-  if excess > 0 and excess <= len then
-    local old = redis.call('XRANGE', stream, '-', '+', 'COUNT', excess)
-    dropped = old[#old][1]
-  end
+  local fresh = redis.call('XLEN', stream) == 0
   local ids, bodies = {}, {}
   for i = first, last do
-    ids[#ids + 1] = redis.call('XADD', stream, '*', 'm', ARGV[i])
+    ids[#ids + 1] = redis.call('XADD', stream, 'MAXLEN', maxlen + 1, '*', 'm', ARGV[i])
     bodies[#bodies + 1] = ARGV[i]
   end
-  if excess > 0 then redis.call('XTRIM', stream, 'MAXLEN', maxlen) end
-  if excess > len then dropped = ids[excess - len] end
-  if dropped then redis.call('HSET', meta, 'dropped', dropped) end
-  -- 'last' is new only where the meta hash is (the topic's first publish, or its meta
-  -- expired): only then can the epoch be missing. One call less for every other group.
-  if redis.call('HSET', meta, 'last', ids[#ids]) == 1 then
+  if fresh then
+    -- The topic's first publish, or its stream expired (history_ttl) or was lost: then
+    -- everything before this stream is gone, which 'seen' (or an older 'last') tells.
+    -- Every publish writes 'last' while the channel has a history_ttl, so then it names
+    -- the newest id that went; otherwise this stream's first id is the safe answer.
     redis.call('HSETNX', meta, 'epoch', epoch)
+    local gone = redis.call('HGET', meta, 'last')
+    if redis.call('HSETNX', meta, 'seen', 1) == 0 or gone then
+      redis.call('HSET', meta, 'dropped', (ttl > 0 and gone) or ids[1])
+    end
   end
   if ttl > 0 then
+    redis.call('HSET', meta, 'last', ids[#ids])
     redis.call('EXPIRE', stream, ttl)
     redis.call('EXPIRE', meta, ttl + grace)
   end
@@ -114,7 +117,9 @@ return publish(KEYS[1], KEYS[2], ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), 
 
 # Several topics in one call, for one Redis (a cluster's keys of one call must share a
 # slot). Each call costs Redis some microseconds before the first command runs; with
-# one message per topic that was most of a publish.
+# one message per topic that was most of a publish. Each topic's channel counter
+# (`counts.messages`) goes up here too: a command of its own cost the worker more than
+# the script.
 _PUBLISH_MANY = (
     # The shebang makes Redis refuse the call before it runs when out of memory, rather
     # than fail its first write with some topics of the call published and the call
@@ -122,36 +127,92 @@ _PUBLISH_MANY = (
     "#!lua\n"
     + _PUBLISH_TOPIC
     + """
--- KEYS: stream and meta of each topic. ARGV: epoch candidate, then per topic: maxlen,
--- ttl, pub/sub channel, meta grace, message count and that many bodies. Answers each
--- topic's ids, in order.
+-- KEYS: stream, meta and counter hash of each topic. ARGV: epoch candidate, then per
+-- topic: maxlen, ttl, pub/sub channel, meta grace, counter field, message count and
+-- that many bodies. Answers each topic's ids, in order.
 local results, at = {}, 2
-for t = 1, #KEYS / 2 do
-  local count = tonumber(ARGV[at + 4])
-  results[t] = publish(KEYS[2 * t - 1], KEYS[2 * t], ARGV[1], tonumber(ARGV[at]),
-    tonumber(ARGV[at + 1]), ARGV[at + 2], tonumber(ARGV[at + 3]), at + 5, at + 4 + count)
-  at = at + 5 + count
+for t = 1, #KEYS / 3 do
+  local count = tonumber(ARGV[at + 5])
+  results[t] = publish(KEYS[3 * t - 2], KEYS[3 * t - 1], ARGV[1], tonumber(ARGV[at]),
+    tonumber(ARGV[at + 1]), ARGV[at + 2], tonumber(ARGV[at + 3]), at + 6, at + 5 + count)
+  redis.call('HINCRBY', KEYS[3 * t], ARGV[at + 4], count)
+  at = at + 6 + count
 end
 return results
 """
 )
 
+# The trim point of a stream (see `_PUBLISH_TOPIC`): its oldest entry's id once Redis
+# trimmed anything from it, else nil. Readers leave that entry out.
+_TRIM_POINT = """
+local function trim_point(stream)
+  if redis.call('EXISTS', stream) == 0 then return nil end
+  local info = redis.call('XINFO', 'STREAM', stream)
+  local length, added, first = 0, 0, nil
+  for i = 1, #info, 2 do
+    local name = info[i]
+    if name == 'length' then length = info[i + 1]
+    elseif name == 'entries-added' then added = info[i + 1]
+    elseif name == 'first-entry' and info[i + 1] then first = info[i + 1][1]
+    end
+  end
+  if added > length then return first end
+  return nil
+end
+"""
+
 # Reads everything recovery needs in one atomic step: epoch, trim point, newest id and
 # the entries from `since` on (inclusive, so the caller can tell whether `since` exists).
-_RECOVER = """
+_RECOVER = (
+    _TRIM_POINT
+    + """
 redis.call('HSETNX', KEYS[2], 'epoch', ARGV[2])
 local meta = redis.call('HMGET', KEYS[2], 'epoch', 'dropped', 'last')
 local dropped = meta[2] or '0-0'
-local last = meta[3] or '0-0'
+local last = dropped
+local point = trim_point(KEYS[1])
 local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 if #newest > 0 then
   last = newest[1][1]
+  if point then dropped = point end
 elseif meta[3] then
-  dropped = meta[3]
+  -- The stream expired: everything up to its newest id went with it.
+  dropped, last = meta[3], meta[3]
 end
 local entries = {}
-if ARGV[1] ~= '' then entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+') end
+if ARGV[1] ~= '' then
+  entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+')
+  if point and #entries > 0 and entries[1][1] == point then table.remove(entries, 1) end
+end
 return {meta[1], dropped, last, entries}
+"""
+)
+
+# History between exclusive bounds. ARGV: low, high, count, '1' for newest first, and
+# the history size (0: unknown): a stream holds one entry more once it is full (the trim
+# point), and more while a smaller history_size waits for the next publish to trim.
+_HISTORY = """
+local count, size = tonumber(ARGV[3]), tonumber(ARGV[5])
+local past = 0
+if size > 0 then past = redis.call('XLEN', KEYS[1]) - size end
+local gone = {}
+if past > 0 then
+  for _, entry in ipairs(redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', past)) do
+    gone[entry[1]] = true
+  end
+  count = count + past
+end
+local entries
+if ARGV[4] == '1' then
+  entries = redis.call('XREVRANGE', KEYS[1], ARGV[2], ARGV[1], 'COUNT', count)
+else
+  entries = redis.call('XRANGE', KEYS[1], ARGV[1], ARGV[2], 'COUNT', count)
+end
+local kept = {}
+for _, entry in ipairs(entries) do
+  if not gone[entry[1]] and #kept < tonumber(ARGV[3]) then kept[#kept + 1] = entry end
+end
+return kept
 """
 
 # The per-topic hash (epoch, trim point) outlives an expiring stream by this long, so
@@ -231,6 +292,7 @@ class RedisEngine(RedisRecords, RedisDevices, Engine):
     def _setup(self) -> None:
         # The part of construction both this engine and the cluster engine share.
         self._recover_script = self.redis.register_script(_RECOVER)
+        self._history_script = self.redis.register_script(_HISTORY)
         self._on_message: MessageHandler | None = None
         self._on_control: ControlHandler | None = None
         self._subs: dict[bytes, _Subscription] = {}
@@ -373,19 +435,18 @@ class RedisEngine(RedisRecords, RedisDevices, Engine):
         until: str | None = None,
         limit: int = 100,
         reverse: bool = False,
+        size: int | None = None,
     ) -> list[Message]:
-        """XRANGE / XREVRANGE with exclusive bounds."""
+        """XRANGE / XREVRANGE with exclusive bounds (and the oldest entries past ``size``)."""
         if limit <= 0:
             return []
         key = f"{_tag(topic)}:s"
         low = f"({since}" if since is not None else "-"
         high = f"({until}" if until is not None else "+"
-        raw: Any
         async with self._guard():
-            if reverse:
-                raw = await self.redis.xrevrange(key, high, low, count=limit)
-            else:
-                raw = await self.redis.xrange(key, low, high, count=limit)
+            raw = await self._history_script(
+                keys=[key], args=[low, high, limit, "1" if reverse else "0", size or 0]
+            )
         return _entries(raw)
 
     async def recover(self, topic: Topic, since: str, epoch: str | None = None) -> Recovery:

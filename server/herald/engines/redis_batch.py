@@ -107,14 +107,13 @@ class PublishBatcher:
             group.append(submission)
         if self._sha is None:
             self._sha = await self._redis.script_load(self._script)
-        counts = Counter(submission.counter for submission in batch)
-        results = await self._pipeline(groups, counts, self._sha)
+        results = await self._pipeline(groups, self._sha, count=True)
         forgotten = [i for i, result in enumerate(results) if isinstance(result, NoScriptError)]
         if forgotten:
             # A Redis (or one master of a cluster) restarted and forgot the script: those
             # groups did not run, the others did. Load it again and run just those.
             self._sha = await self._redis.script_load(self._script)
-            again = await self._pipeline([groups[i] for i in forgotten], Counter(), self._sha)
+            again = await self._pipeline([groups[i] for i in forgotten], self._sha, count=False)
             for i, result in zip(forgotten, again, strict=True):
                 results[i] = result
         for result in results:
@@ -125,26 +124,31 @@ class PublishBatcher:
                 submission.id = raw.decode()
 
     def _commands(
-        self, groups: list[list[Submission]], counts: Counter[tuple[str, str]], sha: str
+        self, groups: list[list[Submission]], sha: str, *, count: bool
     ) -> list[tuple[Any, ...]]:
-        """One EVALSHA per group, then one HINCRBY per channel."""
+        """One EVALSHA per group, then (``count``) one HINCRBY per channel."""
         epoch = secrets.token_hex(4)  # for topics that have none yet
         commands: list[tuple[Any, ...]] = [
             ("EVALSHA", sha, 2, *group[0].keys, epoch, *group[0].settings, *(s.body for s in group))
             for group in groups
         ]
-        commands += _increments(counts)
+        if count:
+            commands += _increments(Counter(s.counter for group in groups for s in group))
         return commands
 
     def _after_scripts(self, pipe: Any, groups: list[list[Submission]]) -> None:
         """Queue commands that must follow the scripts on their connections (none here)."""
 
     async def _pipeline(
-        self, groups: list[list[Submission]], counts: Counter[tuple[str, str]], sha: str
+        self, groups: list[list[Submission]], sha: str, *, count: bool
     ) -> list[Any]:
-        """The scripts' results, in order, errors as values (the HINCRBYs' are dropped)."""
+        """The scripts' results, in order, errors as values (the HINCRBYs' are dropped).
+
+        ``count``: also add the messages to their channels' counters. A second try of
+        groups whose script Redis had forgotten does not: the first try counted them.
+        """
         async with self._redis.pipeline(transaction=False) as pipe:
-            for command in self._commands(groups, counts, sha):
+            for command in self._commands(groups, sha, count=count):
                 # The generic form: the cluster pipeline blocks its evalsha() method, but
                 # routes EVALSHA by its keys just fine (all of one topic's slot).
                 pipe.execute_command(*command)
@@ -173,25 +177,28 @@ class WirePublishBatcher(PublishBatcher):
         self._connection: RespConnection | None = None
 
     async def _pipeline(
-        self, groups: list[list[Submission]], counts: Counter[tuple[str, str]], sha: str
+        self, groups: list[list[Submission]], sha: str, *, count: bool
     ) -> list[Any]:
         """Run the commands on the batcher's connection; error replies as redis-py errors.
 
         The script here takes several topics a call (``_PUBLISH_MANY``): the answer of
         each call is split back into one result per group. A call that fails fails all
         of its groups (Redis refuses a script before it runs for a missing script or
-        lack of memory, so none of them ran).
+        lack of memory, so none of them ran). Each call also counts the messages it
+        publishes, so ``count`` has nothing to add: a call tried again counts once.
         """
         calls = _calls(groups)
         epoch = secrets.token_hex(4)  # for topics that have none yet
         commands: list[tuple[Any, ...]] = []
         for call in calls:
-            keys = [key for group in call for key in group[0].keys]
+            keys: list[str] = []
             args: list[Any] = []
             for group in call:
-                args += [*group[0].settings, len(group), *(s.body for s in group)]
+                first = group[0]
+                keys += [*first.keys, first.counter[0]]
+                args += [*first.settings, first.counter[1], len(group)]
+                args += [s.body for s in group]
             commands.append(("EVALSHA", sha, len(keys), *keys, epoch, *args))
-        commands += _increments(counts)
         try:
             async with asyncio.timeout(_TIMEOUT):
                 if self._connection is None or self._connection.closed:
