@@ -75,11 +75,13 @@ end
 
 local function publish(stream, meta, epoch, maxlen, ttl, channel, grace, first, last)
   local n = last - first + 1
-  local fresh = redis.call('XLEN', stream) == 0
-  local ids, bodies = {}, {}
-  for i = first, last do
+  -- NOMKSTREAM: the first XADD tells whether the stream exists, and XLEN costs a call.
+  local id = redis.call('XADD', stream, 'NOMKSTREAM', 'MAXLEN', maxlen + 1, '*', 'm', ARGV[first])
+  local fresh = not id
+  if fresh then id = redis.call('XADD', stream, 'MAXLEN', maxlen + 1, '*', 'm', ARGV[first]) end
+  local ids = {id}
+  for i = first + 1, last do
     ids[#ids + 1] = redis.call('XADD', stream, 'MAXLEN', maxlen + 1, '*', 'm', ARGV[i])
-    bodies[#bodies + 1] = ARGV[i]
   end
   if fresh then
     -- The topic's first publish, or its stream expired (history_ttl) or was lost: then
@@ -100,7 +102,8 @@ local function publish(stream, meta, epoch, maxlen, ttl, channel, grace, first, 
   -- One PUBLISH for the whole group, one MessagePack document: [ids, [body, ...]]. The
   -- bodies are MessagePack already, so the array of them is their concatenation behind
   -- a header, and every worker unpacks the whole group in one call.
-  redis.call('PUBLISH', channel, array(2) .. cmsgpack.pack(ids) .. array(n) .. table.concat(bodies))
+  redis.call('PUBLISH', channel,
+    array(2) .. cmsgpack.pack(ids) .. array(n) .. table.concat(ARGV, '', first, last))
   return ids
 end
 """
