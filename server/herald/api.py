@@ -231,8 +231,25 @@ async def close_channel(request: Request) -> Response:
     return respond(request, await channel_view(node, channel, principal))
 
 
+def _minimal(request: Request) -> bool:
+    """Whether the caller sent ``Prefer: return=minimal`` (RFC 7240): then a publish
+    answers each message's id alone, not the whole message with its payload."""
+    prefer = request.headers.get("prefer")
+    if prefer is None:
+        return False
+    # Preferences are comma-separated, each maybe with ";"-parameters.
+    return any(
+        part.split(";", 1)[0].strip().lower().replace(" ", "") == "return=minimal"
+        for part in prefer.split(",")
+    )
+
+
+_APPLIED = {"Preference-Applied": "return=minimal"}
+
+
 async def publish(request: Request) -> Response:
-    """``POST /v1/channels/{name}/publish`` → 201 with the message, once it is stored."""
+    """``POST /v1/channels/{name}/publish`` → 201 with the message, once it is stored
+    (its id alone with ``Prefer: return=minimal``)."""
     principal = await authenticate(request)
     body = await read_body(request)
     if not isinstance(body, dict):
@@ -245,11 +262,17 @@ async def publish(request: Request) -> Response:
         message = await node_of(request).publisher.publish_item(principal, item)
     else:
         message = await node_of(request).publisher.publish_once(principal, item, idempotency_key)
+    if _minimal(request):
+        return respond(request, {"id": message.id}, 201, headers=_APPLIED)
     return respond(request, message.to_api(), 201)
 
 
 async def publish_batch(request: Request) -> Response:
-    """``POST /v1/publish``: a list of publishes; one ``{status, data | error}`` per item."""
+    """``POST /v1/publish``: a list of publishes; one ``{status, data | error}`` per item.
+
+    With ``Prefer: return=minimal`` a published item's ``data`` is ``{id}``: a batch
+    answer then does not echo every payload back (most of its bytes otherwise).
+    """
     principal = await authenticate(request)
     body = await read_body(request)
     if not isinstance(body, list):
@@ -257,6 +280,17 @@ async def publish_batch(request: Request) -> Response:
     if len(body) > _MAX_BATCH:
         raise PayloadTooLarge(f"a batch holds at most {_MAX_BATCH} publishes")
     results = await node_of(request).publisher.publish_many(principal, body)
+    if _minimal(request):
+        return respond(
+            request,
+            [
+                {"status": r.status, "error": r.to_dict()}
+                if isinstance(r, HeraldError)
+                else {"status": 201, "data": {"id": r.id}}
+                for r in results
+            ],
+            headers=_APPLIED,
+        )
     return respond(
         request,
         [

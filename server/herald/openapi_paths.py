@@ -209,6 +209,17 @@ _IDEMPOTENCY_KEY = {
     ),
 }
 
+_PREFER = {
+    "name": "Prefer",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": (
+        "`return=minimal` (RFC 7240): answer each published message's id alone, not the "
+        "whole message; the answer then carries `Preference-Applied: return=minimal`."
+    ),
+}
+
 
 def _operation(
     operation_id: str,
@@ -480,10 +491,14 @@ def paths(settings: Settings) -> dict[str, Any]:
                 "messages",
                 "Publish a message; answers once it is in history and handed to the broker",
                 {
-                    "201": _ok(201, "The message.", ref("Message")),
+                    "201": _ok(
+                        201,
+                        "The message (its id alone with `Prefer: return=minimal`).",
+                        {"oneOf": [ref("Message"), ref("Published")]},
+                    ),
                     **_errors(400, 401, 403, 404, 409, 410, 413, 429, 503),
                 },
-                parameters=[_CHANNEL, _IDEMPOTENCY_KEY],
+                parameters=[_CHANNEL, _IDEMPOTENCY_KEY, _PREFER],
                 body=_body(ref("PublishRequest")),
             )
         },
@@ -501,6 +516,7 @@ def paths(settings: Settings) -> dict[str, Any]:
                     ),
                     **_errors(400, 401, 413, 429, 503),
                 },
+                parameters=[_PREFER],
                 body=_body(
                     {"type": "array", "items": ref("PublishItem"), "maxItems": MAX_BATCH},
                     f"At most {MAX_BATCH} publishes (413 past it).",

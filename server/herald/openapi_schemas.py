@@ -379,12 +379,18 @@ def schemas(settings: Settings) -> dict[str, Schema]:
         "BatchResult": {
             "oneOf": [
                 obj({"status": {"const": 201}, "data": ref("Message")}, ("status", "data")),
+                obj({"status": {"const": 201}, "data": ref("Published")}, ("status", "data")),
                 obj(
                     {"status": integer(400, 599), "error": ref("Error")},
                     ("status", "error"),
                 ),
             ]
         },
+        "Published": obj(
+            {"id": ref("MessageId")},
+            ("id",),
+            description="A published message's id alone (`Prefer: return=minimal`).",
+        ),
         "App": obj({"name": ref("Name"), "created_at": TIMESTAMP}, ("name", "created_at")),
         "Key": key_record,
         "NewKey": obj(

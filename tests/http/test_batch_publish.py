@@ -71,6 +71,42 @@ def test_batch_reports_failures_per_item(http: httpx.Client, channel_name: str) 
     assert _history_payloads(http, channel_name) == ["first", "last"]
 
 
+def test_prefer_return_minimal_answers_ids_alone(http: httpx.Client, channel_name: str) -> None:
+    _create(http, channel_name)
+    items: list[Any] = [
+        {"channel": channel_name, "payload": "x" * 100},
+        {"channel": f"{channel_name}-missing", "payload": "x"},
+        {"channel": channel_name, "payload": "y"},
+    ]
+    for prefer in ("return=minimal", "respond-async, RETURN = minimal; x=1"):
+        response = http.post("/v1/publish", json=items, headers={"Prefer": prefer})
+        assert response.status_code == 200, response.text
+        assert response.headers["preference-applied"] == "return=minimal"
+        results = response.json()["data"]
+        assert [r["status"] for r in results] == [201, 404, 201]
+        assert results[0] == {"status": 201, "data": {"id": results[0]["data"]["id"]}}
+        assert results[1]["error"] == {"detail": "Not found", "code": "not_found"}
+        newest = {"limit": "2", "reverse": "true"}
+        history = http.get(f"/v1/channels/{channel_name}/history", params=newest)
+        assert [m["id"] for m in history.json()["data"]] == [
+            results[2]["data"]["id"],
+            results[0]["data"]["id"],
+        ]
+
+    single = http.post(
+        f"/v1/channels/{channel_name}/publish",
+        json={"payload": "z"},
+        headers={"Prefer": "return=minimal"},
+    )
+    assert single.status_code == 201, single.text
+    assert single.headers["preference-applied"] == "return=minimal"
+    assert list(single.json()["data"]) == ["id"]
+    # Without the preference, the whole message, and no Preference-Applied.
+    full = http.post("/v1/publish", json=items[:1], headers={"Prefer": "return=representation"})
+    assert full.json()["data"][0]["data"]["payload"] == "x" * 100
+    assert "preference-applied" not in full.headers
+
+
 def test_batch_body_errors(http: httpx.Client) -> None:
     response = http.post("/v1/publish", json={"channel": "x", "payload": 1})
     assert response.status_code == 400
