@@ -94,8 +94,9 @@ class CountingTransport:
 class InProcess:
     """One in-process Herald with ``channels`` channels of one subscriber each."""
 
-    def __init__(self, settings: Settings, channels: int) -> None:
+    def __init__(self, settings: Settings, channels: int, *, minimal: bool = False) -> None:
         self.app = create_app(settings)
+        self.minimal = minimal
         self.state: dict[str, Any] = {}
         self.names = [f"c{i}" for i in range(channels)]
         self.writes = Writes()
@@ -149,6 +150,7 @@ class InProcess:
             "headers": [
                 (b"authorization", f"Bearer {_KEY}".encode()),
                 (b"content-type", b"application/json"),
+                *([(b"prefer", b"return=minimal")] if self.minimal else []),
             ],
             "server": ("127.0.0.1", 8000),
             "client": ("127.0.0.1", 50000),
@@ -202,7 +204,7 @@ async def measure(
 ) -> dict[str, Any]:
     """Set up, then time ``args.repeats`` runs of ``args.batches`` batches (CPU time)."""
     settings = Settings(admin_key=_KEY, redis_url=redis_url)
-    path = InProcess(settings, args.channels)
+    path = InProcess(settings, args.channels, minimal=args.minimal)
     node = await path.start()
     # Warm-up: every channel's first message (a new stream, first-time caches) once.
     warm = [path.batch() for _ in range(-(-args.channels // _BATCH))]
@@ -285,6 +287,7 @@ def instructions(args: argparse.Namespace) -> int:
         command = [valgrind, "--tool=callgrind", "--callgrind-out-file=/dev/null"]
         command += [sys.executable, __file__, "--channels", str(args.channels)]
         command += ["--engine", args.engine]
+        command += ["--minimal"] if args.minimal else []
         command += ["--batches", str(batches), "--repeats", "1", "--quiet"]
         # Hash seeds decide dict layouts; fixed, two runs of the same code count the same.
         env = {**os.environ, "PYTHONHASHSEED": "0"}
@@ -311,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", type=int, default=20, help="1,000-item batches per run")
     parser.add_argument("--repeats", type=int, default=5, help="runs; the best is reported")
     parser.add_argument("--instructions", action="store_true", help="count under callgrind")
+    parser.add_argument(
+        "--minimal", action="store_true", help="publish with Prefer: return=minimal (ids alone)"
+    )
     parser.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.instructions:
