@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
@@ -25,7 +26,7 @@ from herald.errors import (
     Unavailable,
 )
 from herald.metrics import ENGINE_ERRORS
-from herald.models import Channel, parse_offset
+from herald.models import Channel, Message, parse_offset
 from herald.node import Node
 
 __all__ = [
@@ -231,20 +232,24 @@ async def close_channel(request: Request) -> Response:
     return respond(request, await channel_view(node, channel, principal))
 
 
-def _minimal(request: Request) -> bool:
-    """Whether the caller sent ``Prefer: return=minimal`` (RFC 7240): then a publish
-    answers each message's id alone, not the whole message with its payload."""
+def _shown(request: Request) -> tuple[Callable[[Message], dict[str, Any]], dict[str, str]]:
+    """How a publish answers each message, and the headers saying so.
+
+    ``Prefer: return=minimal`` (RFC 7240) asks for each message's id alone, not
+    the whole message with its payload.
+    """
     prefer = request.headers.get("prefer")
-    if prefer is None:
-        return False
     # Preferences are comma-separated, each maybe with ";"-parameters.
-    return any(
+    if prefer is not None and any(
         part.split(";", 1)[0].strip().lower().replace(" ", "") == "return=minimal"
         for part in prefer.split(",")
-    )
+    ):
+        return _id_alone, {"Preference-Applied": "return=minimal"}
+    return Message.to_api, {}
 
 
-_APPLIED = {"Preference-Applied": "return=minimal"}
+def _id_alone(message: Message) -> dict[str, Any]:
+    return {"id": message.id}
 
 
 async def publish(request: Request) -> Response:
@@ -262,9 +267,8 @@ async def publish(request: Request) -> Response:
         message = await node_of(request).publisher.publish_item(principal, item)
     else:
         message = await node_of(request).publisher.publish_once(principal, item, idempotency_key)
-    if _minimal(request):
-        return respond(request, {"id": message.id}, 201, headers=_APPLIED)
-    return respond(request, message.to_api(), 201)
+    shown, headers = _shown(request)
+    return respond(request, shown(message), 201, headers=headers)
 
 
 async def publish_batch(request: Request) -> Response:
@@ -280,25 +284,16 @@ async def publish_batch(request: Request) -> Response:
     if len(body) > _MAX_BATCH:
         raise PayloadTooLarge(f"a batch holds at most {_MAX_BATCH} publishes")
     results = await node_of(request).publisher.publish_many(principal, body)
-    if _minimal(request):
-        return respond(
-            request,
-            [
-                {"status": r.status, "error": r.to_dict()}
-                if isinstance(r, HeraldError)
-                else {"status": 201, "data": {"id": r.id}}
-                for r in results
-            ],
-            headers=_APPLIED,
-        )
+    shown, headers = _shown(request)
     return respond(
         request,
         [
             {"status": r.status, "error": r.to_dict()}
             if isinstance(r, HeraldError)
-            else {"status": 201, "data": r.to_api()}
+            else {"status": 201, "data": shown(r)}
             for r in results
         ],
+        headers=headers,
     )
 
 

@@ -61,9 +61,10 @@ logger = logging.getLogger("herald.redis")
 #
 # A stream keeps one entry more than the history it serves: once anything was trimmed
 # from it (Redis counts `entries-added`), its oldest entry is the trim point, the newest
-# id gone. Readers (`_TRIM_POINT`) leave that entry out and recover from it. So a
-# publish writes no bookkeeping of its own: the XADD trims and the trim point moves with
-# it, where a separate XRANGE, XTRIM and HSET cost more than the XADD and the PUBLISH.
+# id gone: recovery (`_TRIM_POINT`) answers from it without replaying it, and history
+# reads given the channel's size leave it out. So a publish writes no bookkeeping of its
+# own: the XADD trims and the trim point moves with it, where a separate XRANGE, XTRIM
+# and HSET cost more than the XADD and the PUBLISH.
 _PUBLISH_TOPIC = """
 -- A MessagePack array header for n elements.
 local function array(n)
@@ -146,7 +147,7 @@ return results
 )
 
 # The trim point of a stream (see `_PUBLISH_TOPIC`): its oldest entry's id once Redis
-# trimmed anything from it, else nil. Readers leave that entry out.
+# trimmed anything from it, else nil. Recovery does not replay that entry.
 _TRIM_POINT = """
 local function trim_point(stream)
   if redis.call('EXISTS', stream) == 0 then return nil end
