@@ -91,6 +91,8 @@ class Hub:
         # Deliveries not yet added to the DELIVERED counter: a multiprocess counter
         # costs a lock and a file write per call, so it is bumped once per flush pass.
         self._delivered = 0
+        self.version = 0
+        """Counts every change of who listens to what (what `subscribers` answers)."""
 
     def __len__(self) -> int:
         return len(self._topics)
@@ -120,6 +122,7 @@ class Hub:
         if entry is None:
             entry = self._topics[topic] = _Topic()
         entry.pending[subscriber] = []
+        self.version += 1
 
     def activate(self, topic: Topic, subscriber: Subscriber, after: str) -> list[Message]:
         """Make a catching-up subscriber live; return what arrived meanwhile after ``after``.
@@ -138,6 +141,7 @@ class Hub:
         """Forget a topic; every subscriber it had (live or catching up)."""
         subscribers = self.listeners(topic)
         self._topics.pop(topic, None)
+        self.version += 1
         return subscribers
 
     def remove(self, topic: Topic, subscriber: Subscriber) -> None:
@@ -145,6 +149,7 @@ class Hub:
         entry = self._topics.get(topic)
         if entry is None:
             return
+        self.version += 1
         entry.floors.pop(subscriber, None)
         if entry.pending.pop(subscriber, None) is None:
             entry.live(subscriber).pop(subscriber, None)

@@ -274,12 +274,12 @@ class Node:
     async def report_presence(self) -> None:
         """Tell the other workers how many connections this one holds per channel."""
         interval = self.settings.presence_interval
-        reported: int | None = None  # the subscriptions' version last reported in full
+        reported: int | None = None  # the hub's version last reported in full
         while True:
             try:
                 # A full report costs a field per channel: with 10,000 channels, some 20 ms
                 # of this worker's loop every round. Unchanged counts are only kept fresh.
-                version = self.subscriptions.version
+                version = self.hub.version
                 ttl = 3 * interval
                 if version != reported or not await self.engine.refresh_presence(self.name, ttl):
                     counts = {k: v for k, v in self.subscriptions.local_connections().items() if v}

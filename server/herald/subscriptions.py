@@ -64,8 +64,6 @@ class Subscriptions:
         # Where each topic stood when this worker read it last; with the hub's newest
         # delivered id it answers a subscribe without asking the engine again.
         self._positions: dict[Topic, StreamPosition] = {}
-        self.version = 0
-        """Counts every change of who listens to what (`local_connections` may differ)."""
 
     def topics(self, app: str, channel: str) -> list[Topic]:
         """The topics (rooms) of a channel that this worker listens to."""
@@ -118,7 +116,6 @@ class Subscriptions:
         client.state.topics.add(topic)
         SUBSCRIPTIONS.inc()
         self.hub.begin(topic, client)
-        self.version += 1
         try:
             await self._acquire(topic)
             if since is not None:
@@ -132,7 +129,6 @@ class Subscriptions:
                 replay, recovered, position = [], None, await self._position(topic)
         except BaseException:
             self.hub.remove(topic, client)
-            self.version += 1
             client.state.topics.discard(topic)
             SUBSCRIPTIONS.dec()
             await self._release(topic)
@@ -178,7 +174,6 @@ class Subscriptions:
         client.state.topics.discard(topic)
         SUBSCRIPTIONS.dec()
         self.hub.remove(topic, client)
-        self.version += 1
         await self._release(topic)
         return True
 
@@ -188,13 +183,11 @@ class Subscriptions:
         SUBSCRIPTIONS.dec(len(topics))
         for topic in topics:
             self.hub.remove(topic, client)
-        self.version += 1
         for topic in topics:
             await self._release(topic)
 
     def close_channel(self, app: str, name: str) -> None:
         """Tell this worker's subscribers of a closed channel, and unsubscribe them."""
-        self.version += 1
         for topic in self.topics(app, name):
             frame = {"op": "closed", "channel": name, "room": topic.room}
             for subscriber in self.hub.drop(topic):
