@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from typing import Protocol
 
 from herald.audience import matches
@@ -87,6 +87,11 @@ class Hub:
         self._topics: dict[tuple[str, str, str], _Topic] = {}
         # A dict, not a list: scheduling the same subscriber twice still flushes it once.
         self._dirty: dict[Subscriber, None] = {}
+        # What a flush slice left for the next: iterators over the dicts it took, which
+        # nothing writes to any more. Copying the rest into a new dict each slice cost a
+        # pass over 10,000 connections about 5 ms (20 slices of 0.5 ms).
+        self._left: list[Iterator[Subscriber]] = []
+        self._flush_scheduled = False
         self._loop: asyncio.AbstractEventLoop | None = None
         # Deliveries not yet added to the DELIVERED counter: a multiprocess counter
         # costs a lock and a file write per call, so it is bumped once per flush pass.
@@ -250,35 +255,46 @@ class Hub:
         read sockets (Redis, publishes) between slices, and a connection whose
         turn has not come yet gathers what arrives meanwhile into one write.
         """
-        if not self._dirty:
-            loop = self._loop
-            if loop is None:
-                loop = self._loop = asyncio.get_running_loop()
-            loop.call_soon(self._flush)
+        if not self._flush_scheduled:
+            self._schedule_pass()
         self._dirty[subscriber] = None
 
-    def _flush(self) -> None:
+    def _schedule_pass(self) -> None:
         loop = self._loop
-        assert loop is not None
-        dirty, self._dirty = self._dirty, {}
-        deadline = loop.time() + _FLUSH_SLICE
-        left = iter(dirty)
-        for count, subscriber in enumerate(left, 1):
-            try:
-                subscriber.flush()
-            except Exception:
-                # The others must still be written: a subscriber left out would wait for
-                # good, since it counts as scheduled until its flush runs.
-                logger.exception("flushing a connection failed")
-            if count % _CLOCK_EVERY == 0 and loop.time() > deadline:
-                # The rest go first next time, then whoever was scheduled meanwhile (who
-                # has a flush coming already if anyone was).
-                rest = dict.fromkeys(left)
-                if rest and not self._dirty:
-                    loop.call_soon(self._flush)
-                rest.update(self._dirty)
-                self._dirty = rest
-                break
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        self._flush_scheduled = True
+        loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        # The rest of the last slice go first, then whoever was scheduled meanwhile.
+        passes, self._left = self._left, []
+        if self._dirty:
+            dirty, self._dirty = self._dirty, {}
+            passes.append(iter(dirty))
+        self._write(passes)
         if self._delivered:
             DELIVERED.inc(self._delivered)
             self._delivered = 0
+
+    def _write(self, passes: list[Iterator[Subscriber]]) -> None:
+        """Flush the subscribers of ``passes`` in order for a slice; keep the rest for later."""
+        loop = self._loop
+        assert loop is not None
+        deadline = loop.time() + _FLUSH_SLICE
+        count = 0
+        for index, subscribers in enumerate(passes):
+            for subscriber in subscribers:
+                try:
+                    subscriber.flush()
+                except Exception:
+                    # The others must still be written: a subscriber left out would wait
+                    # for good, since it counts as scheduled until its flush runs.
+                    logger.exception("flushing a connection failed")
+                count += 1
+                if count % _CLOCK_EVERY == 0 and loop.time() > deadline:
+                    self._left = passes[index:]
+                    if not self._flush_scheduled:
+                        self._schedule_pass()
+                    return

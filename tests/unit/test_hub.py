@@ -388,3 +388,29 @@ async def test_a_long_flush_lets_the_loop_run_between_slices() -> None:
     assert log.index("other work") < len(subscribers)
     assert [entry for entry in log if entry != "other work"] == subscribers
     assert all(s.flushes == 1 for s in subscribers)
+
+
+async def test_who_is_scheduled_between_slices_is_written_after_the_rest_of_the_pass() -> None:
+    hub = Hub()
+    log: list[object] = []
+    subscribers = [Slow(Encoding.JSON, log) for _ in range(300)]
+    for subscriber in subscribers:
+        hub.schedule_flush(subscriber)
+    newcomer, late = Slow(Encoding.JSON, log), Slow(Encoding.JSON, log)
+
+    def arrive(subscriber: Slow) -> None:
+        log.append("scheduled")
+        hub.schedule_flush(subscriber)
+
+    loop = asyncio.get_running_loop()
+    loop.call_soon(arrive, newcomer)  # runs after the first slice
+    for _ in range(100):
+        await asyncio.sleep(0)
+        if not late.flushes and newcomer.flushes:
+            arrive(late)
+        if late.flushes:
+            break
+    scheduled = log.index("scheduled")
+    assert 0 < scheduled < len(subscribers)
+    assert [entry for entry in log if entry != "scheduled"] == [*subscribers, newcomer, late]
+    assert all(s.flushes == 1 for s in [*subscribers, newcomer, late])
