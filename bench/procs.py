@@ -129,6 +129,25 @@ def cpu_seconds(pids: Iterable[int]) -> float:
     return total / _CLK_TCK
 
 
+def sleeps(pids: Iterable[int]) -> int:
+    """Times these processes' main threads went to sleep (voluntary context switches).
+
+    A process woken for every few events (an idle loop in `epoll_wait`) makes
+    many; one that finds work waiting whenever it looks makes few.
+    """
+    total = 0
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                total += int(line.split()[1])
+                break
+    return total
+
+
 def _children() -> dict[int, list[int]]:
     tree: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):

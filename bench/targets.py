@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -26,9 +27,11 @@ from bench.loadgen import Totals, open_client
 from bench.procs import (
     RESULTS,
     Proc,
+    cpu_seconds,
     free_port,
     log_problems,
     machine_busy_seconds,
+    sleeps,
     start_herald,
     start_redis,
     start_reference,
@@ -84,6 +87,8 @@ class Mark:
     redis: float
     loadgen: float
     machine: float
+    server_sleeps: int = 0
+    loadgen_sleeps: int = 0
 
 
 def usage(before: Mark, after: Mark) -> dict[str, float]:
@@ -102,6 +107,9 @@ def usage(before: Mark, after: Mark) -> dict[str, float]:
         "redis_cpu_pct": 100.0 * redis / wall,
         "loadgen_cpu_pct": 100.0 * loadgen / wall,
         "other_cpu_pct": 100.0 * other / wall,
+        # Each sleep of one side is a wake-up the other side's writes paid for.
+        "server_sleeps_per_s": (after.server_sleeps - before.server_sleeps) / wall,
+        "loadgen_sleeps_per_s": (after.loadgen_sleeps - before.loadgen_sleeps) / wall,
     }
 
 
@@ -174,12 +182,15 @@ class Session:
 
     def mark(self) -> Mark:
         """Snapshot of the CPU time used so far."""
+        pids = self.server.pids()
         return Mark(
             wall=time.perf_counter(),
-            server=self.server.cpu_seconds(),
+            server=cpu_seconds(pids),
             redis=self.redis.cpu_seconds() if self.redis is not None else 0.0,
             loadgen=time.process_time(),
             machine=machine_busy_seconds(),
+            server_sleeps=sleeps(pids),
+            loadgen_sleeps=resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw,
         )
 
     async def create_channels(self, names: list[str]) -> None:
