@@ -135,6 +135,11 @@ def sleeps(pids: Iterable[int]) -> int:
     A process woken for every few events (an idle loop in `epoll_wait`) makes
     many; one that finds work waiting whenever it looks makes few.
     """
+    return _status_total(pids, "voluntary_ctxt_switches:")
+
+
+def _status_total(pids: Iterable[int], field: str) -> int:
+    """The sum of one number field of ``/proc/<pid>/status`` over these processes."""
     total = 0
     for pid in pids:
         try:
@@ -142,7 +147,7 @@ def sleeps(pids: Iterable[int]) -> int:
         except OSError:
             continue
         for line in status.splitlines():
-            if line.startswith("voluntary_ctxt_switches:"):
+            if line.startswith(field):
                 total += int(line.split()[1])
                 break
     return total
@@ -195,17 +200,7 @@ class Proc:
         ``pids`` (from an earlier `pids`) skips the walk over ``/proc``, which
         takes milliseconds: too long for a load generator sampling while it measures.
         """
-        total = 0
-        for pid in self.pids() if pids is None else pids:
-            try:
-                status = Path(f"/proc/{pid}/status").read_text()
-            except OSError:
-                continue
-            for line in status.splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-                    break
-        return total
+        return _status_total(self.pids() if pids is None else pids, "VmRSS:")
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM, then SIGKILL if it lingers; the exit code (negative: killed by a signal)."""
