@@ -196,8 +196,8 @@ return {meta[1], dropped, last, entries}
 # the history size (0: unknown): a stream holds one entry more once it is full (the trim
 # point), and more while a smaller history_size waits for the next publish to trim.
 _HISTORY = """
-local count, size = tonumber(ARGV[3]), tonumber(ARGV[5])
-local past = 0
+local limit, size = tonumber(ARGV[3]), tonumber(ARGV[5])
+local count, past = limit, 0
 if size > 0 then past = redis.call('XLEN', KEYS[1]) - size end
 local gone = {}
 if past > 0 then
@@ -214,7 +214,7 @@ else
 end
 local kept = {}
 for _, entry in ipairs(entries) do
-  if not gone[entry[1]] and #kept < tonumber(ARGV[3]) then kept[#kept + 1] = entry end
+  if not gone[entry[1]] and #kept < limit then kept[#kept + 1] = entry end
 end
 return kept
 """
